@@ -1,0 +1,98 @@
+//! What gracevm tells the guest: the kernel command line and its own initrd archive with
+//! `/gracevm/env` (mode, command, the expectations the in-guest suite checks).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use firmware::layout;
+use firmware::Platform;
+
+use crate::initramfs::{shell_quote, Archive};
+
+/// What the guest's /init does once userspace is up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// An interactive shell on the console.
+    Shell,
+    /// Run a command, then power off.
+    Run(String),
+    /// Run the in-guest KTAP suite, then power off.
+    Test,
+}
+
+/// Kernel command line: a quiet console (every console byte is a trapped MMIO write, slow when
+/// nested), reboot at once on panic so a panic ends the run, then the user's additions.
+pub fn cmdline(extra: &str) -> String {
+    let mut c = String::from("console=ttyAMA0 quiet panic=-1 rdinit=/init");
+    if !extra.trim().is_empty() {
+        c.push(' ');
+        c.push_str(extra.trim());
+    }
+    c
+}
+
+/// The `/gracevm/env` file.
+pub fn env_file(platform: &Platform, mode: &Mode) -> String {
+    let mut env = String::new();
+    let mut put = |k: &str, v: String| env.push_str(&format!("GRACEVM_{k}={v}\n"));
+    put(
+        "MODE",
+        match mode {
+            Mode::Shell => "shell",
+            Mode::Run(_) => "run",
+            Mode::Test => "test",
+        }
+        .into(),
+    );
+    if let Mode::Run(cmd) = mode {
+        put("CMD", shell_quote(cmd));
+    }
+    put("BOOT_TIMER", format!("{:#x}", layout::TESTDEV_BASE));
+    put("CPUS", platform.vcpus.to_string());
+    put("SYSTEM_RAM", platform.boot_ram().to_string());
+    put("BOOT_MODE", platform.boot.to_string());
+    env
+}
+
+/// The user's initrd followed by gracevm's archive.
+pub fn initrd(base: &Path, platform: &Platform, mode: &Mode) -> Result<Vec<u8>> {
+    let mut data =
+        std::fs::read(base).with_context(|| format!("reading initrd {}", base.display()))?;
+    // Archives are concatenated on 4-byte boundaries.
+    while data.len() % 4 != 0 {
+        data.push(0);
+    }
+    let mut a = Archive::default();
+    a.dir("/dev")?;
+    a.char_dev("/dev/console", 0o600, 5, 1)?;
+    a.dir("/gracevm")?;
+    a.file("/gracevm/env", 0o644, env_file(platform, mode).as_bytes())?;
+    data.extend(a.finish()?);
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_env_file_carries_mode_and_expectations() {
+        let p = Platform {
+            vcpus: 3,
+            ..Platform::default()
+        };
+        let env = env_file(&p, &Mode::Run("echo 'hi'".into()));
+        assert!(env.contains("GRACEVM_MODE=run\n"));
+        assert!(env.contains(r"GRACEVM_CMD='echo '\''hi'\'''"), "{env}");
+        assert!(env.contains("GRACEVM_CPUS=3\n"));
+        assert!(env.contains(&format!("GRACEVM_SYSTEM_RAM={}\n", p.boot_ram())));
+        assert!(env.contains("GRACEVM_BOOT_TIMER=0x9010000\n"));
+    }
+
+    #[test]
+    fn test_cmdline_appends_user_args() {
+        assert_eq!(cmdline(""), "console=ttyAMA0 quiet panic=-1 rdinit=/init");
+        assert!(cmdline(" loglevel=7 ").ends_with(" rdinit=/init loglevel=7"));
+    }
+}

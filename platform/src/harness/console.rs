@@ -1,0 +1,126 @@
+//! The guest console sink: raw bytes to the log file (and stdout when attached), complete lines
+//! scanned for KTAP and for kernel panics as they stream.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use crate::harness::ktap;
+use crate::machine::Watch;
+
+/// Lines of interest collected from the console.
+#[derive(Default)]
+pub struct Captured {
+    pub ktap: Vec<String>,
+    /// The first line of a kernel panic, for the report.
+    pub panic: Option<String>,
+}
+
+pub struct ConsoleSink {
+    log: Option<File>,
+    echo: bool,
+    /// Print KTAP result lines to stderr as they arrive (progress in test runs).
+    progress: Option<String>,
+    line: Vec<u8>,
+    captured: Arc<Mutex<Captured>>,
+    watch: Arc<Watch>,
+}
+
+impl ConsoleSink {
+    pub fn new(log: Option<File>, echo: bool, progress: Option<String>, watch: Arc<Watch>) -> Self {
+        ConsoleSink {
+            log,
+            echo,
+            progress,
+            line: Vec::new(),
+            captured: Arc::default(),
+            watch,
+        }
+    }
+
+    pub fn captured(&self) -> Arc<Mutex<Captured>> {
+        self.captured.clone()
+    }
+
+    fn end_line(&mut self) {
+        let text = String::from_utf8_lossy(&self.line)
+            .trim_end_matches('\r')
+            .to_string();
+        self.line.clear();
+        let mut cap = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+        if text.contains("Kernel panic - not syncing") {
+            cap.panic.get_or_insert(text.clone());
+            self.watch.panicked.store(true, Ordering::Release);
+        }
+        if ktap::is_ktap_line(&text) {
+            if let Some(tag) = &self.progress {
+                if text.starts_with("ok ") || text.starts_with("not ok ") {
+                    eprintln!("[gracevm] {tag}: {text}");
+                }
+            }
+            cap.ktap.push(text);
+        }
+    }
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(log) = &mut self.log {
+            // A full disk must not stop the guest; the loss is visible in the log itself.
+            let _ = log.write_all(buf);
+        }
+        if self.echo {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(buf);
+            let _ = out.flush();
+        }
+        for &b in buf {
+            if b == b'\n' {
+                self.end_line();
+            } else if self.line.len() < 4096 {
+                self.line.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if let Some(log) = &mut self.log {
+            log.flush()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_console_sink_captures_ktap_and_panic() {
+        let watch = Arc::new(Watch::default());
+        let mut sink = ConsoleSink::new(None, false, None, watch.clone());
+        let cap = sink.captured();
+        sink.write_all(b"[ 0.1] booting\r\nKTAP version 1\r\n1..1\nok 1 a\n")
+            .unwrap();
+        assert!(!watch.panicked.load(Ordering::Acquire));
+        sink.write_all(b"[ 2.0] Kernel panic - not syncing: Attempted to kill init!\n")
+            .unwrap();
+        let cap = cap.lock().unwrap();
+        assert_eq!(cap.ktap, ["KTAP version 1", "1..1", "ok 1 a"]);
+        assert!(cap
+            .panic
+            .as_deref()
+            .unwrap()
+            .contains("Attempted to kill init"));
+        assert!(watch.panicked.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn test_console_sink_bounds_runaway_lines() {
+        let mut sink = ConsoleSink::new(None, false, None, Arc::default());
+        sink.write_all(&vec![b'x'; 100_000]).unwrap();
+        assert!(sink.line.len() <= 4096);
+    }
+}

@@ -1,0 +1,305 @@
+//! Turning runs into results: host-observed checks plus the guest's KTAP, the exit status,
+//! the KTAP document on stdout and `results.json` in the output directory.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::exit::Status;
+use crate::harness::ktap::{self, GuestKtap, TestResult, Verdict};
+use crate::machine::{GuestEnd, RunReport};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub pass: usize,
+    pub fail: usize,
+    pub skip: usize,
+    pub xfail: usize,
+}
+
+impl Counts {
+    pub fn of(tests: &[TestResult]) -> Self {
+        let mut c = Counts::default();
+        for t in tests {
+            match t.result {
+                Verdict::Pass => c.pass += 1,
+                Verdict::Fail => c.fail += 1,
+                Verdict::Skip => c.skip += 1,
+                Verdict::Xfail => c.xfail += 1,
+            }
+        }
+        c
+    }
+
+    fn add(&mut self, o: &Counts) {
+        self.pass += o.pass;
+        self.fail += o.fail;
+        self.skip += o.skip;
+        self.xfail += o.xfail;
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub status: Status,
+    pub end: String,
+    pub end_detail: String,
+    pub counts: Counts,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_ms: Option<f64>,
+    pub vmm_ready_ms: f64,
+    pub wall_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic: Option<String>,
+    pub tests: Vec<TestResult>,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// Judge one run: what the host saw (boot timer, how the guest ended) around what the guest said.
+pub fn evaluate(
+    name: &str,
+    run: &RunReport,
+    guest: &GuestKtap,
+    panic: Option<String>,
+) -> ScenarioResult {
+    let mut tests = Vec::new();
+    tests.push(match run.boot_time {
+        Some(t) => TestResult::pass(
+            "boot_userspace_reached",
+            Some(format!("boot timer {:.0} ms", ms(t))),
+        ),
+        None => TestResult::fail(
+            "boot_userspace_reached",
+            "the guest never wrote the boot-timer register".into(),
+        ),
+    });
+    if guest.seen_header {
+        tests.extend(guest.results.iter().cloned());
+        let planned = guest.plan.unwrap_or(0);
+        if guest.plan.is_none() || guest.results.len() < planned {
+            tests.push(TestResult::fail(
+                "guest_suite_complete",
+                format!("plan {planned}, {} results reported", guest.results.len()),
+            ));
+        }
+    } else {
+        tests.push(TestResult::fail(
+            "guest_suite_complete",
+            "no KTAP from the guest suite".into(),
+        ));
+    }
+    tests.push(match &run.end {
+        GuestEnd::PowerOff => TestResult::pass("psci_poweroff_clean", None),
+        other => TestResult::fail("psci_poweroff_clean", other.describe()),
+    });
+
+    let counts = Counts::of(&tests);
+    let mut status = if counts.fail > 0 {
+        Status::Fail
+    } else {
+        Status::Pass
+    };
+    status = status.max(match &run.end {
+        GuestEnd::PowerOff | GuestEnd::Reset => Status::Pass,
+        GuestEnd::Panic | GuestEnd::Crash => Status::Panic,
+        GuestEnd::Timeout => Status::Timeout,
+        GuestEnd::VmmFailure(_) => Status::VmmError,
+        GuestEnd::Interrupted => Status::Interrupted,
+    });
+    ScenarioResult {
+        name: name.into(),
+        status,
+        end: run.end.key().into(),
+        end_detail: run.end.describe(),
+        counts,
+        boot_ms: run.boot_time.map(ms),
+        vmm_ready_ms: ms(run.vmm_ready),
+        wall_ms: ms(run.wall),
+        panic,
+        tests,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub status: Status,
+    pub exit_code: i32,
+    pub counts: Counts,
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+impl Summary {
+    pub fn new(scenarios: Vec<ScenarioResult>) -> Self {
+        let mut counts = Counts::default();
+        let mut status = Status::Pass;
+        for s in &scenarios {
+            counts.add(&s.counts);
+            status = status.max(s.status);
+        }
+        Summary {
+            status,
+            exit_code: status.code(),
+            counts,
+            scenarios,
+        }
+    }
+
+    /// The KTAP document: one top-level test per scenario, its checks as subtests.
+    pub fn ktap(&self) -> String {
+        let mut out = format!("KTAP version 1\n1..{}\n", self.scenarios.len());
+        for (i, s) in self.scenarios.iter().enumerate() {
+            out += &format!("    KTAP version 1\n    1..{}\n", s.tests.len());
+            for (j, t) in s.tests.iter().enumerate() {
+                for d in &t.diagnostics {
+                    out += &format!("    # {d}\n");
+                }
+                out += &format!("    {}\n", ktap::format_result(j + 1, t));
+            }
+            let c = &s.counts;
+            out += &format!(
+                "# {}: {} ({} pass, {} fail, {} skip, {} xfail)\n",
+                s.name, s.end_detail, c.pass, c.fail, c.skip, c.xfail
+            );
+            let ok = matches!(s.status, Status::Pass);
+            out += &format!(
+                "{} {} {}\n",
+                if ok { "ok" } else { "not ok" },
+                i + 1,
+                s.name
+            );
+        }
+        let c = &self.counts;
+        out += &format!(
+            "# {} passed, {} failed, {} skipped, {} xfail\n",
+            c.pass, c.fail, c.skip, c.xfail
+        );
+        out
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("results serialise");
+        std::fs::write(dir.join("results.json"), json + "\n")
+            .with_context(|| format!("writing {}/results.json", dir.display()))?;
+        std::fs::write(dir.join("results.ktap"), self.ktap())
+            .with_context(|| format!("writing {}/results.ktap", dir.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn run(end: GuestEnd, boot: bool) -> RunReport {
+        RunReport {
+            end,
+            boot_time: boot.then(|| Duration::from_millis(800)),
+            vmm_ready: Duration::from_millis(5),
+            wall: Duration::from_secs(2),
+        }
+    }
+
+    fn guest(text: &str) -> GuestKtap {
+        ktap::parse(&text.lines().map(String::from).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn test_evaluate_all_pass_is_pass() {
+        let s = evaluate(
+            "d",
+            &run(GuestEnd::PowerOff, true),
+            &guest("KTAP version 1\n1..1\nok 1 a"),
+            None,
+        );
+        assert_eq!(s.status, Status::Pass);
+        assert_eq!(
+            s.counts,
+            Counts {
+                pass: 3,
+                ..Counts::default()
+            }
+        );
+    }
+
+    #[test]
+    fn test_evaluate_skip_still_passes_and_fail_fails() {
+        let s = evaluate(
+            "d",
+            &run(GuestEnd::PowerOff, true),
+            &guest("KTAP version 1\n1..1\nok 1 a # SKIP no"),
+            None,
+        );
+        assert_eq!(s.status, Status::Pass);
+        let s = evaluate(
+            "d",
+            &run(GuestEnd::PowerOff, true),
+            &guest("KTAP version 1\n1..1\nnot ok 1 a"),
+            None,
+        );
+        assert_eq!(s.status, Status::Fail);
+    }
+
+    #[test]
+    fn test_evaluate_missing_ktap_or_results_fail() {
+        let s = evaluate("d", &run(GuestEnd::PowerOff, true), &guest("nothing"), None);
+        assert_eq!(s.status, Status::Fail);
+        let s = evaluate(
+            "d",
+            &run(GuestEnd::PowerOff, true),
+            &guest("KTAP version 1\n1..3\nok 1 a"),
+            None,
+        );
+        assert_eq!(s.status, Status::Fail);
+        let s = evaluate(
+            "d",
+            &run(GuestEnd::PowerOff, false),
+            &guest("KTAP version 1\n1..1\nok 1 a"),
+            None,
+        );
+        assert_eq!(s.status, Status::Fail);
+    }
+
+    #[test]
+    fn test_evaluate_end_states_map_to_distinct_statuses() {
+        let g = guest("KTAP version 1\n1..1\nok 1 a");
+        assert_eq!(
+            evaluate("d", &run(GuestEnd::Panic, true), &g, None).status,
+            Status::Panic
+        );
+        assert_eq!(
+            evaluate("d", &run(GuestEnd::Timeout, true), &g, None).status,
+            Status::Timeout
+        );
+        assert_eq!(
+            evaluate("d", &run(GuestEnd::VmmFailure("x".into()), true), &g, None).status,
+            Status::VmmError
+        );
+        assert_eq!(
+            evaluate("d", &run(GuestEnd::Reset, true), &g, None).status,
+            Status::Fail
+        );
+    }
+
+    #[test]
+    fn test_summary_worst_status_and_ktap_shape() {
+        let g = guest("KTAP version 1\n1..1\nok 1 a");
+        let a = evaluate("a", &run(GuestEnd::PowerOff, true), &g, None);
+        let b = evaluate("b", &run(GuestEnd::Timeout, true), &g, None);
+        let sum = Summary::new(vec![a, b]);
+        assert_eq!(sum.exit_code, Status::Timeout.code());
+        let doc = sum.ktap();
+        assert!(doc.starts_with("KTAP version 1\n1..2\n"));
+        assert!(
+            doc.contains("\nok 1 a\n") && doc.contains("\nnot ok 2 b\n"),
+            "{doc}"
+        );
+        // The guest's own result is re-numbered inside the scenario.
+        assert!(doc.contains("    ok 2 a\n"), "{doc}");
+    }
+}

@@ -1,0 +1,123 @@
+//! newc cpio archives built in memory: gracevm's own archive appended to the user's initrd
+//! (Linux unpacks concatenated archives in order), and the level-1 image of the nested route.
+//! Device nodes are written as archive entries, so no `mknod` (and no root) is needed.
+
+use std::io::{self, Write};
+
+use cpio::newc::{trailer, Builder, ModeFileType};
+
+pub struct Archive {
+    buf: Vec<u8>,
+    ino: u32,
+}
+
+impl Default for Archive {
+    fn default() -> Self {
+        Archive {
+            buf: Vec::new(),
+            ino: 1000,
+        }
+    }
+}
+
+impl Archive {
+    fn entry(&mut self, path: &str, mode: u32, kind: ModeFileType) -> Builder {
+        self.ino += 1;
+        Builder::new(path.trim_start_matches('/'))
+            .ino(self.ino)
+            .mode(mode)
+            .set_mode_file_type(kind)
+            .nlink(1)
+    }
+
+    pub fn dir(&mut self, path: &str) -> io::Result<()> {
+        let b = self.entry(path, 0o755, ModeFileType::Directory).nlink(2);
+        b.write(&mut self.buf, 0).finish()?;
+        Ok(())
+    }
+
+    pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        let size = u32::try_from(data.len())
+            .map_err(|_| io::Error::other(format!("{path} is over 4 GiB")))?;
+        let b = self.entry(path, mode, ModeFileType::Regular);
+        let mut w = b.write(&mut self.buf, size);
+        w.write_all(data)?;
+        w.finish()?;
+        Ok(())
+    }
+
+    pub fn char_dev(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+        let b = self
+            .entry(path, mode, ModeFileType::Char)
+            .rdev_major(major)
+            .rdev_minor(minor);
+        b.write(&mut self.buf, 0).finish()?;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> io::Result<Vec<u8>> {
+        trailer(&mut self.buf)?;
+        // Keep the next concatenated archive 4-byte aligned, as the kernel's unpacker expects.
+        while self.buf.len() % 4 != 0 {
+            self.buf.push(0);
+        }
+        Ok(self.buf)
+    }
+}
+
+/// Quote `s` as one POSIX shell word.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cpio::newc::Reader;
+
+    fn entries(mut data: &[u8]) -> Vec<(String, u32, Vec<u8>, u32)> {
+        let mut out = Vec::new();
+        loop {
+            let mut r = Reader::new(data).unwrap();
+            if r.entry().is_trailer() {
+                break;
+            }
+            let (name, mode, rdev) = (
+                r.entry().name().to_string(),
+                r.entry().mode(),
+                r.entry().rdev_major(),
+            );
+            let mut body = Vec::new();
+            io::Read::read_to_end(&mut r, &mut body).unwrap();
+            out.push((name, mode, body, rdev));
+            data = r.finish().unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn test_archive_round_trips_through_reader() {
+        let mut a = Archive::default();
+        a.dir("/gracevm").unwrap();
+        a.file("/gracevm/env", 0o644, b"A=1\n").unwrap();
+        a.char_dev("/dev/console", 0o600, 5, 1).unwrap();
+        let data = a.finish().unwrap();
+        assert_eq!(data.len() % 4, 0);
+        let e = entries(&data);
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[0].0, "gracevm");
+        assert_eq!(e[0].1 & 0o170000, 0o040000);
+        assert_eq!(
+            (e[1].0.as_str(), e[1].2.as_slice()),
+            ("gracevm/env", &b"A=1\n"[..])
+        );
+        assert_eq!(e[2].1 & 0o170000, 0o020000);
+        assert_eq!(e[2].3, 5);
+    }
+
+    #[test]
+    fn test_shell_quote_escapes_single_quotes() {
+        assert_eq!(shell_quote("echo hi"), "'echo hi'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}

@@ -1,0 +1,13 @@
+//! gracevm as a library: the device models (fuzzable without a VM), the harness, the nested
+//! route, and (on aarch64) the KVM machine. The `gracevm` binary is the CLI over it.
+
+pub mod devices;
+pub mod escape;
+pub mod exit;
+pub mod guest;
+pub mod harness;
+pub mod initramfs;
+pub mod machine;
+pub mod nested;
+#[cfg(target_arch = "aarch64")]
+pub mod vmm;

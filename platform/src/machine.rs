@@ -1,0 +1,90 @@
+//! What a run is given and what it ends with, shared by the KVM machine and the harness.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use firmware::Platform;
+
+/// Flags raised outside the VMM's event loop that end a run.
+#[derive(Default)]
+pub struct Watch {
+    /// SIGINT/SIGTERM reached gracevm.
+    pub interrupted: AtomicBool,
+    /// The console showed a kernel panic.
+    pub panicked: AtomicBool,
+}
+
+/// Everything the KVM machine needs to boot one guest.
+pub struct MachineSpec {
+    pub platform: Platform,
+    pub kernel: PathBuf,
+    /// The whole initrd: the base initramfs with gracevm's own archive appended.
+    pub initrd: Vec<u8>,
+    pub cmdline: String,
+    /// Where UART output goes.
+    pub console: Box<dyn Write + Send>,
+    /// Feed host stdin to the UART.
+    pub interactive: bool,
+    pub timeout: Option<Duration>,
+    pub watch: Arc<Watch>,
+}
+
+/// How a guest run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// PSCI SYSTEM_OFF.
+    PowerOff,
+    /// PSCI SYSTEM_RESET that no panic preceded (gracevm does not reboot guests).
+    Reset,
+    /// PSCI SYSTEM_CRASH / KVM crash event.
+    Crash,
+    /// A kernel panic seen on the console.
+    Panic,
+    Timeout,
+    /// Ctrl-C, SIGTERM or the console escape.
+    Interrupted,
+    VmmFailure(String),
+}
+
+impl GuestEnd {
+    pub fn describe(&self) -> String {
+        match self {
+            GuestEnd::PowerOff => "guest powered off (PSCI SYSTEM_OFF)".into(),
+            GuestEnd::Reset => {
+                "guest asked for a reset (PSCI SYSTEM_RESET); gracevm ends the run".into()
+            }
+            GuestEnd::Crash => "guest crashed (PSCI/KVM crash event)".into(),
+            GuestEnd::Panic => "guest kernel panic".into(),
+            GuestEnd::Timeout => "guest timed out".into(),
+            GuestEnd::Interrupted => "run interrupted".into(),
+            GuestEnd::VmmFailure(m) => format!("VMM failure: {m}"),
+        }
+    }
+
+    /// Short machine-readable name for results.json.
+    pub fn key(&self) -> &'static str {
+        match self {
+            GuestEnd::PowerOff => "poweroff",
+            GuestEnd::Reset => "reset",
+            GuestEnd::Crash => "crash",
+            GuestEnd::Panic => "panic",
+            GuestEnd::Timeout => "timeout",
+            GuestEnd::Interrupted => "interrupted",
+            GuestEnd::VmmFailure(_) => "vmm-failure",
+        }
+    }
+}
+
+/// Measurements of one run.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub end: GuestEnd,
+    /// VMM start to the guest's write to the boot-timer register.
+    pub boot_time: Option<Duration>,
+    /// VMM start to the first vCPU launch.
+    pub vmm_ready: Duration,
+    pub wall: Duration,
+}

@@ -1,0 +1,582 @@
+//! gracevm: a minimal aarch64 VMM modelling an NVIDIA Grace platform with EGM carve-outs, for
+//! testing the nvgrace-gpu and EGM kernel drivers without the hardware.
+
+mod bench;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use log::info;
+
+use firmware::{Platform, Size};
+
+use gracevm::exit::{self, Status};
+use gracevm::guest::Mode;
+use gracevm::harness::{
+    self,
+    report::{evaluate, ScenarioResult, Summary},
+};
+use gracevm::machine::{GuestEnd, RunReport, Watch};
+use gracevm::nested::{Level1, Level1End, NestedRun, Stage};
+#[cfg(target_arch = "aarch64")]
+use gracevm::vmm;
+
+#[derive(Parser)]
+#[command(
+    name = "gracevm",
+    version,
+    about = "A Grace-like aarch64 VMM for testing the nvgrace-gpu and EGM drivers"
+)]
+struct Cli {
+    /// More log output (-v info is the default; -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest with its console on this terminal: a shell, or --cmd then power off.
+    Run {
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Run this shell command in the guest instead of a shell, then power off.
+        #[arg(long)]
+        cmd: Option<String>,
+        /// Keep the console log (and a run report) in this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Boot a guest, run the in-guest test suite, print KTAP; exit status is the worst result.
+    Test {
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Output directory: console.log, results.ktap, results.json.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Scenario name used in reports.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Boot-to-userspace time of gracevm next to qemu-system-aarch64 TCG on the same images.
+    Bench {
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Boots per VMM (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        #[arg(long, default_value = "out/bench")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct GuestArgs {
+    /// The guest kernel: an arm64 Image.
+    #[arg(long, env = "GRACEVM_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// The guest's base initramfs (newc cpio); gracevm appends its own archive to it.
+    #[arg(long, env = "GRACEVM_INITRD")]
+    initrd: Option<PathBuf>,
+    /// Platform description (TOML); the built-in default when absent.
+    #[arg(long)]
+    platform: Option<PathBuf>,
+    /// vCPUs (overrides the description).
+    #[arg(long, alias = "smp")]
+    cpus: Option<u32>,
+    /// RAM of socket 0, e.g. 512M or 2G (overrides the description).
+    #[arg(long, alias = "mem")]
+    memory: Option<Size>,
+    /// Extra kernel command-line arguments.
+    #[arg(long, default_value = "")]
+    append: String,
+    /// Kill the guest after this many seconds (default: 300 for test, none for run).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Run guests directly under this host's KVM, or nested in qemu-system-aarch64.
+    #[arg(long, value_enum, default_value_t = Route::Auto)]
+    route: Route,
+    #[command(flatten)]
+    level1: Level1Args,
+}
+
+#[derive(Args, Clone)]
+struct Level1Args {
+    /// Nested route: the level-1 kernel (an arm64 Image with KVM).
+    #[arg(long, env = "GRACEVM_L1_KERNEL")]
+    level1_kernel: Option<PathBuf>,
+    /// Nested route: a static aarch64 busybox.
+    #[arg(long, env = "GRACEVM_BUSYBOX")]
+    level1_busybox: Option<PathBuf>,
+    /// Nested route: gracevm built for aarch64.
+    #[arg(long, env = "GRACEVM_L1_VMM")]
+    level1_vmm: Option<PathBuf>,
+    /// Nested route: the qemu binary.
+    #[arg(long, env = "GRACEVM_QEMU", default_value = "qemu-system-aarch64")]
+    qemu: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Route {
+    /// Direct on an aarch64 host with /dev/kvm, nested everywhere else.
+    Auto,
+    Direct,
+    Nested,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let watch = Arc::new(Watch::default());
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Raising a flag is all the handler does; every loop polls it.
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _ = signal_hook::flag::register(sig, flag.clone());
+        let w = watch.clone();
+        std::thread::spawn(move || loop {
+            if flag.load(std::sync::atomic::Ordering::Acquire) {
+                w.interrupted
+                    .store(true, std::sync::atomic::Ordering::Release);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        });
+    }
+    let code = match dispatch(cli.command, watch) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gracevm: {e:#}");
+            e.downcast_ref::<Usage>()
+                .map_or(Status::VmmError.code(), |_| exit::USAGE)
+        }
+    };
+    std::process::exit(code);
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 | 1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("GRACEVM_LOG")
+        .format(|f, r| match r.level() {
+            log::Level::Info => writeln!(f, "[gracevm] {}", r.args()),
+            l => writeln!(f, "[gracevm] {}: {}", l.as_str().to_lowercase(), r.args()),
+        })
+        .init();
+}
+
+/// A user error: nothing ran. Exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+fn usage<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Usage(msg.into()).into())
+}
+
+fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
+    match cmd {
+        Command::Run { guest, cmd, out } => {
+            let g = Resolved::new(&guest)?;
+            let mode = cmd.map_or(Mode::Shell, Mode::Run);
+            if let Some(out) = &out {
+                create_out(out)?;
+            }
+            run(&g, mode, out.as_deref(), watch)
+        }
+        Command::Test { guest, out, name } => {
+            let g = Resolved::new(&guest)?;
+            create_out(&out)?;
+            test(&g, &out, &name, watch)
+        }
+        Command::Bench { guest, runs, out } => {
+            let g = Resolved::new(&guest)?;
+            create_out(&out)?;
+            bench::run(&g, runs.max(1), &out, watch)
+        }
+    }
+}
+
+fn create_out(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating the output directory {}", out.display()))
+}
+
+/// The guest arguments checked and resolved: nothing boots until all of this holds.
+pub(crate) struct Resolved {
+    pub args: GuestArgs,
+    pub platform: Platform,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub nested: bool,
+}
+
+impl Resolved {
+    fn new(a: &GuestArgs) -> Result<Self> {
+        let mut platform = match &a.platform {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    Usage(format!(
+                        "cannot read platform description {}: {e}",
+                        p.display()
+                    ))
+                })?;
+                Platform::from_toml(&text, &p.display().to_string())
+                    .map_err(|e| Usage(e.to_string()))?
+            }
+            None => Platform::default(),
+        };
+        if let Some(c) = a.cpus {
+            platform.vcpus = c;
+        }
+        if let Some(m) = a.memory {
+            platform.sockets[0].ram = m;
+        }
+        platform
+            .validate()
+            .map_err(|e| Usage(format!("platform: {e}")))?;
+        let kernel = existing(
+            a.kernel.as_deref(),
+            "kernel",
+            "--kernel PATH (or GRACEVM_KERNEL); `make kernel` builds the default one",
+        )?;
+        let initrd = existing(
+            a.initrd.as_deref(),
+            "initrd",
+            "--initrd PATH (or GRACEVM_INITRD); `make initramfs` builds the default one",
+        )?;
+        let nested = match a.route {
+            Route::Direct => {
+                if !direct_possible() {
+                    return usage(format!(
+                        "--route direct needs an aarch64 host with /dev/kvm; this is {} {}: use --route nested",
+                        std::env::consts::ARCH,
+                        if Path::new("/dev/kvm").exists() { "(its /dev/kvm runs only its own architecture)" } else { "without /dev/kvm" }
+                    ));
+                }
+                false
+            }
+            Route::Nested => true,
+            Route::Auto => !direct_possible(),
+        };
+        Ok(Resolved {
+            args: a.clone(),
+            platform,
+            kernel,
+            initrd,
+            nested,
+        })
+    }
+
+    fn timeout(&self, default: Option<u64>) -> Option<Duration> {
+        self.args.timeout.or(default).map(Duration::from_secs)
+    }
+
+    fn level1(&self) -> Result<Level1> {
+        let l = &self.args.level1;
+        let need = |p: &Option<PathBuf>, what: &str, how: &str| {
+            p.clone().ok_or_else(|| {
+                Usage(format!(
+                    "this host ({}) has no aarch64 KVM, so gracevm nests in qemu-system-aarch64 and needs {what}: {how}",
+                    std::env::consts::ARCH
+                ))
+            })
+        };
+        Ok(Level1 {
+            qemu: l.qemu.clone(),
+            kernel: need(
+                &l.level1_kernel,
+                "a level-1 kernel",
+                "--level1-kernel or GRACEVM_L1_KERNEL",
+            )?,
+            busybox: need(
+                &l.level1_busybox,
+                "an aarch64 busybox",
+                "--level1-busybox or GRACEVM_BUSYBOX",
+            )?,
+            vmm: need(
+                &l.level1_vmm,
+                "gracevm built for aarch64",
+                "--level1-vmm or GRACEVM_L1_VMM",
+            )?,
+        })
+    }
+
+    /// The argv of the same guest for the gracevm inside level 1, with files staged.
+    fn inner_args(&self, stage: &Stage, timeout: Option<Duration>) -> Result<Vec<String>> {
+        let mut v = vec!["--route".into(), "direct".into()];
+        v.extend(["--kernel".into(), stage.add("kernel", &self.kernel)?]);
+        v.extend(["--initrd".into(), stage.add("initrd", &self.initrd)?]);
+        if let Some(p) = &self.args.platform {
+            v.extend(["--platform".into(), stage.add("platform.toml", p)?]);
+        }
+        v.extend(["--cpus".into(), self.platform.vcpus.to_string()]);
+        v.extend(["--memory".into(), self.platform.boot_ram().to_string()]);
+        if !self.args.append.is_empty() {
+            v.extend(["--append".into(), self.args.append.clone()]);
+        }
+        if let Some(t) = timeout {
+            v.extend(["--timeout".into(), t.as_secs().to_string()]);
+        }
+        Ok(v)
+    }
+
+    /// Memory for the level-1 machine: the guest's RAM plus room for its own kernel and files.
+    fn level1_memory_mib(&self) -> u64 {
+        self.platform.boot_ram().div_ceil(1 << 20) + 768
+    }
+}
+
+fn existing(p: Option<&Path>, what: &str, how: &str) -> Result<PathBuf> {
+    match p {
+        None => usage(format!("no {what} given: pass {how}")),
+        Some(p) if !p.is_file() => usage(format!(
+            "{what} '{}' does not exist: pass {how}",
+            p.display()
+        )),
+        Some(p) => Ok(p.to_path_buf()),
+    }
+}
+
+fn direct_possible() -> bool {
+    cfg!(target_arch = "aarch64") && Path::new("/dev/kvm").exists()
+}
+
+/// Boot one guest under this host's KVM.
+#[cfg(target_arch = "aarch64")]
+fn boot_direct(
+    g: &Resolved,
+    mode: &Mode,
+    console: Box<dyn Write + Send>,
+    interactive: bool,
+    timeout: Option<Duration>,
+    watch: Arc<Watch>,
+) -> Result<RunReport> {
+    use gracevm::{guest, machine};
+    let spec = machine::MachineSpec {
+        platform: g.platform.clone(),
+        kernel: g.kernel.clone(),
+        initrd: guest::initrd(&g.initrd, &g.platform, mode)?,
+        cmdline: guest::cmdline(&g.args.append),
+        console,
+        interactive,
+        timeout,
+        watch,
+    };
+    vmm::run(spec)
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn boot_direct(
+    _: &Resolved,
+    _: &Mode,
+    _: Box<dyn Write + Send>,
+    _: bool,
+    _: Option<Duration>,
+    _: Arc<Watch>,
+) -> Result<RunReport> {
+    bail!("direct boots need an aarch64 host")
+}
+
+fn run(g: &Resolved, mode: Mode, out: Option<&Path>, watch: Arc<Watch>) -> Result<i32> {
+    let timeout = g.timeout(None);
+    if g.nested {
+        let stage = Stage::new()?;
+        let mut job = vec!["run".to_string()];
+        job.extend(g.inner_args(&stage, timeout)?);
+        if let Mode::Run(cmd) = &mode {
+            job.extend(["--cmd".into(), cmd.clone()]);
+        }
+        if out.is_some() {
+            job.extend(["--out".into(), "/out".into()]);
+        }
+        let l1 = g.level1()?;
+        let end = NestedRun {
+            level1: &l1,
+            stage: &stage,
+            jobs: vec![job],
+            out,
+            interactive: true,
+            memory_mib: g.level1_memory_mib(),
+            timeout,
+            watch,
+        }
+        .run()?;
+        return Ok(match end {
+            Level1End::Done(s) => s[0].unwrap_or(Status::VmmError.code()),
+            Level1End::Timeout => Status::Timeout.code(),
+            Level1End::Interrupted => Status::Interrupted.code(),
+            Level1End::Failed(m) => bail!("{m}"),
+        });
+    }
+    let log = match out {
+        Some(o) => {
+            Some(std::fs::File::create(o.join("console.log")).context("creating console.log")?)
+        }
+        None => None,
+    };
+    let sink = harness::console::ConsoleSink::new(log, true, None, watch.clone());
+    let report = boot_direct(g, &mode, Box::new(sink), true, timeout, watch)?;
+    let _ = std::io::stdout().flush();
+    eprintln!("\r\n[gracevm] {}", report.end.describe());
+    if let Some(o) = out {
+        write_run_report(o, &report)?;
+    }
+    Ok(match report.end {
+        GuestEnd::PowerOff | GuestEnd::Reset => Status::Pass,
+        GuestEnd::Panic | GuestEnd::Crash => Status::Panic,
+        GuestEnd::Timeout => Status::Timeout,
+        GuestEnd::Interrupted => Status::Interrupted,
+        GuestEnd::VmmFailure(_) => Status::VmmError,
+    }
+    .code())
+}
+
+/// `run-report.json`: what `bench` reads back from nested runs.
+fn write_run_report(out: &Path, r: &RunReport) -> Result<()> {
+    let json = serde_json::json!({
+        "end": r.end.key(),
+        "boot_ms": r.boot_time.map(|t| t.as_secs_f64() * 1e3),
+        "vmm_ready_ms": r.vmm_ready.as_secs_f64() * 1e3,
+        "wall_ms": r.wall.as_secs_f64() * 1e3,
+        "max_rss_kib": max_rss_kib(),
+    });
+    std::fs::write(out.join("run-report.json"), json.to_string() + "\n")
+        .context("writing run-report.json")
+}
+
+/// Peak resident memory of this process (the VMM, guest memory it touched included).
+pub fn max_rss_kib() -> u64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointed-to, properly sized buffer.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: getrusage succeeded, so the struct is initialised (it was zeroed before, too).
+    let ru = unsafe { ru.assume_init() };
+    u64::try_from(ru.ru_maxrss).unwrap_or(0)
+}
+
+fn test(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Result<i32> {
+    let timeout = g.timeout(Some(300));
+    let scenario = if g.nested {
+        test_nested(g, out, name, timeout, watch)?
+    } else {
+        test_direct(g, out, name, timeout, watch)?
+    };
+    let summary = Summary::new(vec![scenario]);
+    summary.write(out)?;
+    print!("{}", summary.ktap());
+    let _ = std::io::stdout().flush();
+    info!(
+        "{}: {} passed, {} failed, {} skipped, {} xfail; results in {}",
+        name,
+        summary.counts.pass,
+        summary.counts.fail,
+        summary.counts.skip,
+        summary.counts.xfail,
+        out.display()
+    );
+    Ok(summary.exit_code)
+}
+
+fn test_direct(
+    g: &Resolved,
+    out: &Path,
+    name: &str,
+    timeout: Option<Duration>,
+    watch: Arc<Watch>,
+) -> Result<ScenarioResult> {
+    let log = std::fs::File::create(out.join("console.log")).context("creating console.log")?;
+    let sink =
+        harness::console::ConsoleSink::new(Some(log), false, Some(name.to_string()), watch.clone());
+    let captured = sink.captured();
+    info!(
+        "{name}: booting {} ({} vCPUs)",
+        g.kernel.display(),
+        g.platform.vcpus
+    );
+    let report = match boot_direct(g, &Mode::Test, Box::new(sink), false, timeout, watch) {
+        Ok(r) => r,
+        Err(e) => RunReport {
+            end: GuestEnd::VmmFailure(format!("{e:#}")),
+            boot_time: None,
+            vmm_ready: Duration::ZERO,
+            wall: Duration::ZERO,
+        },
+    };
+    let cap = captured.lock().unwrap_or_else(|p| p.into_inner());
+    let guest = harness::ktap::parse(&cap.ktap);
+    Ok(evaluate(name, &report, &guest, cap.panic.clone()))
+}
+
+/// Run the test inside level 1; the inner gracevm writes results into the shared `out`.
+fn test_nested(
+    g: &Resolved,
+    out: &Path,
+    name: &str,
+    timeout: Option<Duration>,
+    watch: Arc<Watch>,
+) -> Result<ScenarioResult> {
+    let stage = Stage::new()?;
+    let mut job = vec!["test".to_string()];
+    job.extend(g.inner_args(&stage, timeout)?);
+    job.extend(["--out".into(), "/out".into(), "--name".into(), name.into()]);
+    let _ = std::fs::remove_file(out.join("results.json"));
+    let l1 = g.level1()?;
+    let end = NestedRun {
+        level1: &l1,
+        stage: &stage,
+        jobs: vec![job],
+        out: Some(out),
+        interactive: false,
+        memory_mib: g.level1_memory_mib(),
+        timeout,
+        watch,
+    }
+    .run()?;
+    let inner: Option<Summary> = std::fs::read_to_string(out.join("results.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| serde_json::from_value::<SummaryIn>(v).ok())
+        .map(|s| s.into());
+    let lost = |why: GuestEnd| {
+        let r = RunReport {
+            end: why,
+            boot_time: None,
+            vmm_ready: Duration::ZERO,
+            wall: Duration::ZERO,
+        };
+        evaluate(name, &r, &Default::default(), None)
+    };
+    Ok(match (end, inner) {
+        (Level1End::Done(_), Some(mut s)) => s.scenarios.remove(0),
+        (Level1End::Timeout, _) => lost(GuestEnd::Timeout),
+        (Level1End::Interrupted, _) => lost(GuestEnd::Interrupted),
+        (Level1End::Failed(m), _) => lost(GuestEnd::VmmFailure(m)),
+        (Level1End::Done(_), None) => lost(GuestEnd::VmmFailure(
+            "the gracevm inside level 1 left no results.json (see level1-console.log)".into(),
+        )),
+    })
+}
+
+/// results.json as read back from a nested run.
+#[derive(serde::Deserialize)]
+struct SummaryIn {
+    scenarios: Vec<ScenarioResult>,
+}
+
+impl From<SummaryIn> for Summary {
+    fn from(s: SummaryIn) -> Self {
+        Summary::new(s.scenarios)
+    }
+}

@@ -1,0 +1,324 @@
+//! The nested route: on hosts that are not aarch64 with KVM, gracevm boots a small level-1
+//! Linux with KVM in qemu-system-aarch64 (TCG, EL2 emulated) and runs itself there.
+//!
+//! The host stages the guest's files in a directory that qemu shares over virtio-9p (`stage`),
+//! with one shell-quoted gracevm argv per line in `stage/jobs`; the output directory is shared
+//! as `out`. The level-1 /init runs each job with the aarch64 gracevm, writes `status.N`, and
+//! powers off. One level-1 boot serves any number of jobs.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use log::{debug, info};
+use vmm_sys_util::tempdir::TempDir;
+
+use crate::initramfs::{shell_quote, Archive};
+use crate::machine::Watch;
+
+const LEVEL1_INIT: &str = include_str!("level1-init.sh");
+
+/// What the nested route runs on.
+#[derive(Clone, Debug)]
+pub struct Level1 {
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub busybox: PathBuf,
+    /// gracevm built for aarch64 (static).
+    pub vmm: PathBuf,
+}
+
+impl Level1 {
+    /// Check every piece exists before anything starts, with one message naming what is missing.
+    pub fn check(&self) -> Result<()> {
+        let mut missing = Vec::new();
+        for (what, p, hint) in [
+            (
+                "level-1 kernel",
+                &self.kernel,
+                "--level1-kernel or GRACEVM_L1_KERNEL (`make kernel` builds one)",
+            ),
+            (
+                "busybox for aarch64",
+                &self.busybox,
+                "--level1-busybox or GRACEVM_BUSYBOX (Debian's busybox-static:arm64)",
+            ),
+            (
+                "aarch64 gracevm",
+                &self.vmm,
+                "--level1-vmm or GRACEVM_L1_VMM (`make` cross-builds it)",
+            ),
+        ] {
+            if !p.is_file() {
+                missing.push(format!("{what} not found at '{}': set {hint}", p.display()));
+            }
+        }
+        if which(&self.qemu).is_none() {
+            missing.push(format!(
+                "'{}' not found: install Debian's qemu-system-arm (or set GRACEVM_QEMU)",
+                self.qemu.display()
+            ));
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            bail!(
+                "this host has no aarch64 KVM, so gracevm nests in qemu-system-aarch64, but:\n  {}",
+                missing.join("\n  ")
+            )
+        }
+    }
+
+    fn initramfs(&self) -> Result<Vec<u8>> {
+        let read = |p: &Path| fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut a = Archive::default();
+        for d in ["/bin", "/dev", "/proc", "/sys", "/tmp", "/stage", "/out"] {
+            a.dir(d)?;
+        }
+        a.char_dev("/dev/console", 0o600, 5, 1)?;
+        a.file("/init", 0o755, LEVEL1_INIT.as_bytes())?;
+        a.file("/bin/busybox", 0o755, &read(&self.busybox)?)?;
+        a.file("/bin/gracevm", 0o755, &read(&self.vmm)?)?;
+        Ok(a.finish()?)
+    }
+}
+
+fn which(prog: &Path) -> Option<PathBuf> {
+    if prog.components().count() > 1 {
+        return prog.is_file().then(|| prog.to_path_buf());
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file())
+}
+
+/// Files to place in the stage share, by name.
+pub struct Stage {
+    dir: TempDir,
+}
+
+impl Stage {
+    pub fn new() -> Result<Self> {
+        let base = std::env::temp_dir().join("gracevm-stage");
+        let dir = TempDir::new_with_prefix(base).context("creating a staging directory")?;
+        Ok(Stage { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_path()
+    }
+
+    /// Put `src` in the share as `name` (a hard link when possible: kernels are large).
+    pub fn add(&self, name: &str, src: &Path) -> Result<String> {
+        let dst = self.path().join(name);
+        if fs::hard_link(src, &dst).is_err() {
+            fs::copy(src, &dst)
+                .with_context(|| format!("copying {} into the stage directory", src.display()))?;
+        }
+        Ok(format!("/stage/{name}"))
+    }
+
+    pub fn write(&self, name: &str, data: &[u8]) -> Result<String> {
+        fs::write(self.path().join(name), data).with_context(|| format!("staging {name}"))?;
+        Ok(format!("/stage/{name}"))
+    }
+}
+
+/// How the level-1 machine ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Level1End {
+    /// It powered off: each job's exit status (None: the job never finished).
+    Done(Vec<Option<i32>>),
+    Timeout,
+    Interrupted,
+    /// qemu failed or level-1 never ran the jobs.
+    Failed(String),
+}
+
+pub struct NestedRun<'a> {
+    pub level1: &'a Level1,
+    pub stage: &'a Stage,
+    pub jobs: Vec<Vec<String>>,
+    /// Shared as /out; console of level 1 is logged here too.
+    pub out: Option<&'a Path>,
+    /// Inherit the terminal (qemu's Ctrl-A x escape works); otherwise the console is logged
+    /// and only gracevm's own progress lines reach stderr.
+    pub interactive: bool,
+    pub memory_mib: u64,
+    pub timeout: Option<Duration>,
+    pub watch: Arc<Watch>,
+}
+
+impl NestedRun<'_> {
+    pub fn run(self) -> Result<Level1End> {
+        self.level1.check()?;
+        let stage = self.stage.path();
+        let jobs: String = self
+            .jobs
+            .iter()
+            .map(|argv| {
+                argv.iter()
+                    .map(|a| shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + "\n"
+            })
+            .collect();
+        self.stage.write("jobs", jobs.as_bytes())?;
+        let initrd = self.stage.write("level1.cpio", &self.level1.initramfs()?)?;
+        let _ = initrd;
+
+        let mut cmd = Command::new(&self.level1.qemu);
+        cmd.args([
+            "-M",
+            "virt,virtualization=on,gic-version=3",
+            // pauth-impdef: QEMU's cheap pointer-auth algorithm; the architected one dominates TCG time.
+            "-cpu",
+            "max,pauth-impdef=on",
+            "-smp",
+            "2",
+            "-no-reboot",
+            // No default NIC: it needs a ROM image and the guest has no use for it.
+            "-nic",
+            "none",
+        ]);
+        cmd.arg("-m").arg(format!("{}M", self.memory_mib));
+        cmd.arg("-kernel").arg(&self.level1.kernel);
+        cmd.arg("-initrd").arg(stage.join("level1.cpio"));
+        cmd.args([
+            "-append",
+            "console=ttyAMA0 quiet loglevel=1 panic=-1 rdinit=/init",
+        ]);
+        cmd.arg("-fsdev").arg(format!(
+            "local,id=stage,path={},security_model=none",
+            stage.display()
+        ));
+        cmd.args(["-device", "virtio-9p-device,fsdev=stage,mount_tag=stage"]);
+        if let Some(out) = self.out {
+            cmd.arg("-fsdev").arg(format!(
+                "local,id=out,path={},security_model=none",
+                out.display()
+            ));
+            cmd.args(["-device", "virtio-9p-device,fsdev=out,mount_tag=out"]);
+        }
+        if self.interactive {
+            cmd.arg("-nographic");
+        } else {
+            cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        }
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+        // parent; it makes the kernel kill qemu if gracevm dies, so no qemu outlives a run.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        debug!("level-1: {cmd:?}");
+        info!(
+            "starting the level-1 machine (qemu-system-aarch64, TCG) for {} job(s)",
+            self.jobs.len()
+        );
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.level1.qemu.display()))?;
+        let log_dir = self.out.unwrap_or(stage);
+        let relay = child.stdout.take().map(|out| {
+            let log = log_dir.join("level1-console.log");
+            std::thread::spawn(move || relay_console(out, &log))
+        });
+
+        let end = self.wait(&mut child, started);
+        if let Some(r) = relay {
+            let _ = r.join();
+        }
+        info!(
+            "level-1 machine ended after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(match end {
+            Some(end) => end,
+            None => {
+                let statuses: Vec<Option<i32>> = (1..=self.jobs.len())
+                    .map(|n| {
+                        fs::read_to_string(stage.join(format!("status.{n}")))
+                            .ok()
+                            .and_then(|s| s.trim().parse().ok())
+                    })
+                    .collect();
+                if statuses.iter().all(Option::is_none) {
+                    Level1End::Failed(format!(
+                        "the level-1 machine ran no job (see {}/level1-console.log)",
+                        log_dir.display()
+                    ))
+                } else {
+                    Level1End::Done(statuses)
+                }
+            }
+        })
+    }
+
+    /// Wait for qemu, killing it at the deadline or on Ctrl-C. None: it exited by itself.
+    fn wait(&self, child: &mut Child, started: Instant) -> Option<Level1End> {
+        // Level 1 boots in seconds, but the allowance covers a slow, loaded CI host.
+        let deadline = self.timeout.map(|t| started + t + Duration::from_secs(120));
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return None,
+                Ok(Some(status)) => {
+                    return Some(Level1End::Failed(format!(
+                        "qemu-system-aarch64 exited with {status}"
+                    )))
+                }
+                Ok(None) => {}
+                Err(e) => return Some(Level1End::Failed(format!("waiting for qemu: {e}"))),
+            }
+            let end = if self.watch.interrupted.load(Ordering::Acquire) {
+                Some(Level1End::Interrupted)
+            } else if deadline.is_some_and(|d| Instant::now() > d) {
+                Some(Level1End::Timeout)
+            } else {
+                None
+            };
+            if let Some(end) = end {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Some(end);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Log the level-1 console; pass gracevm's progress lines on to stderr.
+fn relay_console(out: impl std::io::Read, log: &Path) {
+    let mut file = fs::File::create(log).ok();
+    let mut reader = BufReader::new(out);
+    let mut line = Vec::new();
+    while let Ok(n) = reader.read_until(b'\n', &mut line) {
+        if n == 0 {
+            break;
+        }
+        if let Some(f) = &mut file {
+            let _ = f.write_all(&line);
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end();
+        if text.starts_with("[gracevm]") || text.contains("Kernel panic") {
+            eprintln!("{text}");
+        }
+        line.clear();
+    }
+}

@@ -1,0 +1,350 @@
+//! The KVM machine (aarch64 hosts only): memory, vCPUs, vGIC, devices and the event loop.
+//!
+//! Everything guest-facing goes through `crate::devices`, which is plain Rust tested on any
+//! host; this module is the thin KVM glue around it.
+
+mod gic;
+mod memory;
+mod stdin;
+mod vcpu;
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::Read;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{KVM_ARM_IRQ_TYPE_SHIFT, KVM_ARM_IRQ_TYPE_SPI};
+use kvm_ioctls::{Kvm, VmFd};
+use linux_loader::loader::pe::PE;
+use linux_loader::loader::KernelLoader;
+use log::{debug, info, warn};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use firmware::layout::{self, MIB};
+use firmware::BootParams;
+
+use crate::devices::pl011::Pl011;
+use crate::devices::testdev::TestDev;
+use crate::devices::{IrqLine, MmioBus};
+use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
+
+/// What ends a run, as reported by vCPU threads and the console watcher.
+#[derive(Debug)]
+pub enum GuestEvent {
+    PowerOff,
+    Reset,
+    Crash,
+    VcpuFailed(String),
+}
+
+/// A sender that also wakes the event loop.
+#[derive(Clone)]
+pub struct EventSender {
+    tx: Sender<GuestEvent>,
+    wake: Arc<EventFd>,
+}
+
+impl EventSender {
+    pub fn send(&self, ev: GuestEvent) -> Result<(), std::sync::mpsc::SendError<GuestEvent>> {
+        self.tx.send(ev)?;
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+}
+
+/// The PL011's interrupt wire: KVM_IRQ_LINE on an SPI of the in-kernel GIC.
+struct SpiLine {
+    vm: Arc<VmFd>,
+    irq: u32,
+}
+
+impl IrqLine for SpiLine {
+    fn set_level(&self, high: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.irq, high) {
+            warn!("KVM_IRQ_LINE {:#x} = {high}: {e}", self.irq);
+        }
+    }
+}
+
+fn spi_irq(spi: u32) -> u32 {
+    (KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | (32 + spi)
+}
+
+/// Open /dev/kvm with an error that says what to do.
+fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => anyhow!(
+            "/dev/kvm does not exist: this host has no KVM (enable virtualization in firmware, \
+             load the kvm module, or run gracevm on an x86_64 host where it nests in qemu)"
+        ),
+        libc::EACCES | libc::EPERM => {
+            anyhow!("/dev/kvm is not accessible: add your user to the 'kvm' group or run as root")
+        }
+        _ => anyhow!("cannot open /dev/kvm: {e}"),
+    })
+}
+
+/// Bits of guest physical address space needed to reach `top` (exclusive).
+fn ipa_bits(top: u64) -> u32 {
+    (64 - (top - 1).leading_zeros()).max(32)
+}
+
+/// Boot a guest and run it to its end.
+pub fn run(spec: MachineSpec) -> Result<RunReport> {
+    let started = Instant::now();
+    let platform = &spec.platform;
+    let ram = platform.boot_ram();
+
+    let kvm = open_kvm()?;
+    let need = ipa_bits(layout::RAM_BASE + ram);
+    let limit = kvm.get_host_ipa_limit();
+    let vm_type = if limit > 0 {
+        if need > limit as u32 {
+            bail!(
+                "the platform needs {need}-bit guest physical addresses but this host's KVM \
+                 supports {limit} bits: shrink the description's address range"
+            );
+        }
+        u64::from(need.max(40))
+    } else {
+        0 // KVM without KVM_CAP_ARM_VM_IPA_SIZE: the fixed 40-bit default
+    };
+    let vm = Arc::new(
+        kvm.create_vm_with_type(vm_type)
+            .context("KVM_CREATE_VM failed")?,
+    );
+
+    let mem = memory::create(&vm, &[(layout::RAM_BASE, ram)])?;
+    let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
+    let mpidrs = vcpus.iter().map(vcpu::mpidr).collect::<Result<Vec<_>>>()?;
+    let _gic = gic::Gic::create(&vm)?;
+
+    // Kernel at RAM + 2 MiB, DTB in the top 2 MiB, initrd just below it.
+    let mut kernel = File::open(&spec.kernel)
+        .with_context(|| format!("opening kernel {}", spec.kernel.display()))?;
+    let image_size = arm64_image_size(&mut kernel)?;
+    let loaded = PE::load(
+        &mem,
+        Some(GuestAddress(layout::RAM_BASE + layout::KERNEL_OFFSET)),
+        &mut kernel,
+        None,
+    )
+    .map_err(|e| anyhow!("loading {} as an arm64 Image: {e}", spec.kernel.display()))?;
+    let entry = loaded.kernel_load.0;
+    let kernel_end = (entry + image_size).max(loaded.kernel_end);
+
+    let dtb_addr = layout::dtb_addr(ram);
+    let initrd_len = spec.initrd.len() as u64;
+    let initrd_start = (dtb_addr - initrd_len) & !0xfff;
+    if initrd_len >= dtb_addr || initrd_start < kernel_end {
+        bail!(
+            "{} MiB of RAM is too small for this kernel ({} MiB) and initrd ({} MiB)",
+            ram / MIB,
+            (kernel_end - entry).div_ceil(MIB),
+            initrd_len.div_ceil(MIB)
+        );
+    }
+    mem.write_slice(&spec.initrd, GuestAddress(initrd_start))
+        .context("writing the initrd")?;
+
+    let mut rng_seed = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut rng_seed))
+        .context("reading /dev/urandom")?;
+    let boot = BootParams {
+        cmdline: spec.cmdline.clone(),
+        initrd: Some((initrd_start, initrd_start + initrd_len)),
+        mpidrs,
+        rng_seed,
+    };
+    let dtb = firmware::build_dtb(platform, &boot)?;
+    mem.write_slice(&dtb, GuestAddress(dtb_addr))
+        .context("writing the DTB")?;
+    vcpu::set_boot_regs(&vcpus[0], entry, dtb_addr)?;
+
+    // Devices.
+    let (tx, rx) = channel();
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?);
+    let events = EventSender {
+        tx,
+        wake: wake.clone(),
+    };
+    let uart = Arc::new(Mutex::new(Pl011::new(
+        Arc::new(SpiLine {
+            vm: vm.clone(),
+            irq: spi_irq(layout::UART_SPI),
+        }),
+        spec.console,
+    )));
+    let testdev = Arc::new(Mutex::new(TestDev::new(started)));
+    let mut bus = MmioBus::new();
+    bus.insert(layout::UART_BASE, layout::UART_SIZE, uart.clone())?;
+    bus.insert(layout::TESTDEV_BASE, layout::TESTDEV_SIZE, testdev.clone())?;
+    let bus = Arc::new(bus);
+
+    // vCPU threads are stopped by a flag plus a signal that knocks them out of KVM_RUN.
+    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(SIGRTMIN(), kick).context("installing the vCPU kick handler")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let vmm_ready = started.elapsed();
+    let mut threads = Vec::new();
+    for (id, fd) in vcpus.into_iter().enumerate() {
+        let (bus, stop, events) = (bus.clone(), stop.clone(), events.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run_loop(id as u32, fd, bus, stop, events))
+            .context("spawning a vCPU thread")?;
+        threads.push(handle);
+    }
+    info!(
+        "guest started: {} vCPUs, {} MiB RAM, VMM ready in {:.1} ms",
+        platform.vcpus,
+        ram / MIB,
+        vmm_ready.as_secs_f64() * 1e3
+    );
+
+    let end = event_loop(
+        &wake,
+        &rx,
+        uart,
+        spec.interactive,
+        spec.timeout,
+        &spec.watch,
+    )?;
+    stop_vcpus(&stop, threads);
+
+    let boot_time = testdev
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .boot_time();
+    Ok(RunReport {
+        end,
+        boot_time,
+        vmm_ready,
+        wall: started.elapsed(),
+    })
+}
+
+/// `image_size` from the arm64 Image header: the memory the kernel occupies including BSS.
+fn arm64_image_size(kernel: &mut File) -> Result<u64> {
+    let mut hdr = [0u8; 64];
+    kernel
+        .read_exact(&mut hdr)
+        .context("the kernel file is shorter than an arm64 Image header")?;
+    if &hdr[56..60] != b"ARM\x64" {
+        bail!("not an arm64 Image (no 'ARM\\x64' magic at offset 56); pass arch/arm64/boot/Image");
+    }
+    Ok(u64::from_le_bytes(hdr[16..24].try_into().expect("8 bytes")))
+}
+
+/// Watches the wake eventfd: vCPU and console events end the run.
+struct Watcher<'a> {
+    wake: &'a EventFd,
+    rx: &'a Receiver<GuestEvent>,
+    end: Rc<RefCell<Option<GuestEnd>>>,
+}
+
+impl MutEventSubscriber for Watcher<'_> {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.wake.read();
+        while let Ok(ev) = self.rx.try_recv() {
+            debug!("guest event {ev:?}");
+            let end = match ev {
+                GuestEvent::PowerOff => GuestEnd::PowerOff,
+                GuestEvent::Reset => GuestEnd::Reset,
+                GuestEvent::Crash => GuestEnd::Crash,
+                GuestEvent::VcpuFailed(msg) => GuestEnd::VmmFailure(msg),
+            };
+            self.end.borrow_mut().get_or_insert(end);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.wake, EventSet::IN)) {
+            warn!("cannot watch the wake eventfd: {e}");
+        }
+    }
+}
+
+fn event_loop(
+    wake: &EventFd,
+    rx: &Receiver<GuestEvent>,
+    uart: Arc<Mutex<Pl011>>,
+    interactive: bool,
+    timeout: Option<Duration>,
+    watch: &Watch,
+) -> Result<GuestEnd> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut manager: EventManager<Box<dyn MutEventSubscriber + '_>> =
+        EventManager::new().context("creating the event manager")?;
+    let end = Rc::new(RefCell::new(None));
+    manager.add_subscriber(Box::new(Watcher {
+        wake,
+        rx,
+        end: end.clone(),
+    }));
+    let input = if interactive {
+        let s = stdin::Stdin::new(uart)?;
+        let quit = s.quit_flag();
+        manager.add_subscriber(Box::new(s));
+        Some(quit)
+    } else {
+        None
+    };
+    loop {
+        // Short waits keep timeouts and Ctrl-C responsive without more fds.
+        manager.run_with_timeout(100).context("event loop")?;
+        // A panic on the console outranks the reset `panic=-1` makes right after it, and
+        // ends the run even when the kernel is left spinning.
+        if watch.panicked.load(Ordering::Acquire) {
+            return Ok(GuestEnd::Panic);
+        }
+        if let Some(end) = end.borrow_mut().take() {
+            return Ok(end);
+        }
+        if input.as_ref().is_some_and(|q| q.load(Ordering::Acquire)) {
+            return Ok(GuestEnd::Interrupted);
+        }
+        if watch.interrupted.load(Ordering::Acquire) {
+            return Ok(GuestEnd::Interrupted);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(GuestEnd::Timeout);
+        }
+    }
+}
+
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let give_up = Instant::now() + Duration::from_secs(2);
+    loop {
+        let running: Vec<&JoinHandle<()>> = threads.iter().filter(|t| !t.is_finished()).collect();
+        if running.is_empty() {
+            break;
+        }
+        if Instant::now() > give_up {
+            warn!(
+                "{} vCPU thread(s) did not stop; exiting anyway",
+                running.len()
+            );
+            return;
+        }
+        for t in running {
+            let _ = t.kill(SIGRTMIN());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
