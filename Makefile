@@ -1,0 +1,137 @@
+# gracevm: boot real arm64 kernels on a Grace-like platform to test the nvgrace-gpu/EGM drivers.
+#
+#   make test            host tests, then boot the guest and run the in-guest suite (KTAP)
+#   make run [CMD=...]   boot the default platform to a shell (or run CMD and power off)
+#   make bench           boot-to-userspace: gracevm vs qemu-system-aarch64 TCG
+#   make kernel          build the guest kernel (Debian linux-source, or KSRC=/path/to/linux)
+#
+# Everything downloaded or built outside cargo goes to $(CACHE), never into the tree.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CACHE   ?= $(HOME)/.cache/gracevm
+OUT     ?= out
+KVER    ?= 7.3
+KSRC    ?=
+KERNEL  ?=
+CMD     ?=
+CPUS    ?= 2
+MEMORY  ?= 1G
+TIMEOUT ?= 300
+ARGS    ?=
+
+HOST_ARCH := $(shell uname -m)
+TARGET    := aarch64-unknown-linux-gnu
+
+# The default kernel (also the level-1 kernel of the nested route) and a user's tree.
+DEFAULT_KBUILD := $(CACHE)/build/debian-$(KVER)
+DEFAULT_IMAGE  := $(DEFAULT_KBUILD)/arch/arm64/boot/Image
+ifneq ($(KSRC),)
+KSRC_ABS    := $(abspath $(KSRC))
+GUEST_KBUILD := $(CACHE)/build/ksrc-$(shell printf '%s' '$(KSRC_ABS)' | md5sum | cut -c1-12)
+else
+GUEST_KBUILD := $(DEFAULT_KBUILD)
+endif
+GUEST_IMAGE := $(if $(KERNEL),$(abspath $(KERNEL)),$(GUEST_KBUILD)/arch/arm64/boot/Image)
+
+BUSYBOX := $(CACHE)/busybox/bin/busybox
+INITRD  := target/gracevm/guest.cpio
+
+# aarch64 binaries: native on an aarch64 host, cross-built with Debian's rustc elsewhere.
+ifeq ($(HOST_ARCH),aarch64)
+AARCH64_CARGO := cargo
+AARCH64_DIR   := target/release
+else
+AARCH64_CARGO := RUSTC=/usr/bin/rustc cargo
+AARCH64_FLAGS := --target $(TARGET) --target-dir target/cross
+AARCH64_DIR   := target/cross/$(TARGET)/release
+endif
+L1_VMM := $(AARCH64_DIR)/gracevm
+SUITE  := $(AARCH64_DIR)/gracevm-suite
+HOST_VMM := target/debug/gracevm
+
+export GRACEVM_KERNEL    := $(GUEST_IMAGE)
+export GRACEVM_INITRD    := $(abspath $(INITRD))
+export GRACEVM_L1_KERNEL := $(DEFAULT_IMAGE)
+export GRACEVM_BUSYBOX   := $(BUSYBOX)
+export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
+
+GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
+
+.PHONY: help deps kernel default-kernel initramfs vmm host-test e2e test run bench clean
+
+help:
+	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+
+# --- host packages ------------------------------------------------------------------------
+ifeq ($(HOST_ARCH),aarch64)
+APT_PKGS := gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler acpica-tools
+else
+APT_PKGS := rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
+            qemu-system-arm gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils \
+            device-tree-compiler acpica-tools
+endif
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+deps:
+	@have=$$(dpkg-query -W -f='$${db:Status-Status}\n' $(APT_PKGS) 2>/dev/null | grep -c '^installed$$' || true); \
+	 if [ "$$have" -lt "$(words $(APT_PKGS))" ]; then \
+	    echo "[deps] installing host packages: $(APT_PKGS)"; \
+	    if [ "$(HOST_ARCH)" != aarch64 ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then \
+	        $(SUDO) dpkg --add-architecture arm64; fi; \
+	    $(SUDO) apt-get -q update >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q install -y --no-install-recommends $(APT_PKGS) >/dev/null; \
+	 fi
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 2; }
+
+$(BUSYBOX):
+	@echo "[deps] fetching Debian's busybox-static:arm64 into $(CACHE)/busybox"
+	@tmp=$$(mktemp -d); cd $$tmp && apt-get -q -o APT::Sandbox::User=root download busybox-static:arm64 >/dev/null && \
+	    dpkg-deb -x busybox-static_*_arm64.deb x && mkdir -p $(CACHE)/busybox/bin && \
+	    cp x/bin/busybox $(BUSYBOX) && rm -rf $$tmp
+
+# --- kernels ------------------------------------------------------------------------------
+default-kernel: deps
+	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/build.sh "$$src" $(DEFAULT_KBUILD)
+
+kernel: default-kernel
+ifneq ($(KSRC),)
+	@guest-kernel/build.sh $(KSRC_ABS) $(GUEST_KBUILD)
+endif
+ifneq ($(KERNEL),)
+	@test -f $(GUEST_IMAGE) || { echo "KERNEL=$(KERNEL) does not exist" >&2; exit 2; }
+endif
+
+# --- gracevm and the guest's userspace ----------------------------------------------------
+vmm: deps
+	@echo "[build] gracevm (host) and gracevm + suite (aarch64)"
+	@cargo build -q -p gracevm
+	@$(AARCH64_CARGO) build -q --release $(AARCH64_FLAGS) -p gracevm -p guest-suite
+
+initramfs: vmm $(BUSYBOX)
+	@mkdir -p $(dir $(INITRD))
+	@tests/guest/mkinitramfs.sh $(BUSYBOX) $(SUITE) $(INITRD)
+
+# --- the two commands -----------------------------------------------------------------------
+host-test: deps
+	@echo "[test] host tests (cargo test)"
+	@cargo test -q --workspace --exclude guest-suite 2>&1 | grep -Ev '^(running 0 tests|test result: ok. 0 passed.*)$$|^$$'
+	@cargo test -q -p guest-suite 2>&1 | grep -E 'test result|FAILED|panicked' || true
+
+e2e: kernel initramfs
+	@echo "[test] end to end: booting $(GUEST_IMAGE)"
+	@$(HOST_VMM) test $(GUEST_ARGS) --timeout $(TIMEOUT) --out $(OUT)
+
+test: host-test e2e
+
+run: kernel initramfs
+	@$(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)
+
+bench: kernel initramfs
+	@$(HOST_VMM) bench $(GUEST_ARGS) --out $(OUT)/bench
+
+clean:
+	cargo clean
+	rm -rf $(OUT)

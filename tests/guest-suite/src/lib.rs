@@ -1,0 +1,15 @@
+//! The in-guest test suite of gracevm, as a library: the `gracevm-suite` binary is its CLI.
+//!
+//! Tests live in [`suites`]; each is a function from [`registry::Context`] to
+//! [`outcome::Outcome`], run in its own process by [`runner`], reported as KTAP by [`ktap`].
+//! Later suites use [`kconfig::kernel_has`] / [`kconfig::require_kernel`] to SKIP on kernels
+//! without a feature and [`env::GuestEnv`] for the VMM's expectations.
+
+pub mod env;
+pub mod kconfig;
+pub mod ktap;
+pub mod outcome;
+pub mod procfs;
+pub mod registry;
+pub mod runner;
+pub mod suites;

@@ -1,0 +1,81 @@
+//! gracevm-suite: the in-guest test suite. Runs inside a gracevm guest (started by `/init` in
+//! test mode), checks the machine against the VMM's expectations in `/gracevm/env`, and prints
+//! KTAP version 1 on stdout. Exits 0 when no test failed, 1 otherwise, 2 on bad usage.
+//!
+//! Usage: `gracevm-suite [--list] [--selftest] [NAME...]`
+
+use std::process::ExitCode;
+
+use guest_suite::registry::{self, Test};
+use guest_suite::{env, runner, suites};
+
+const USAGE: &str = "usage: gracevm-suite [--list] [--selftest] [NAME...]
+  --list      print the test names and exit
+  --selftest  run the harness self-tests instead of the guest tests
+  NAME...     run only these tests";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(runner::RUN_ONE) {
+        return run_one(args.get(1).map(String::as_str).unwrap_or(""));
+    }
+    let mut list = false;
+    let mut tests = suites::all();
+    let mut names = Vec::new();
+    for arg in &args {
+        match arg.as_str() {
+            "--list" => list = true,
+            "--selftest" => tests = suites::selftests(),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            flag if flag.starts_with('-') => {
+                eprintln!("gracevm-suite: unknown option {flag}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+            name => names.push(name),
+        }
+    }
+    if !names.is_empty() {
+        let mut chosen = Vec::new();
+        for name in names {
+            match registry::find(&tests, name) {
+                Some(test) => chosen.push(*test),
+                None => {
+                    eprintln!("gracevm-suite: no test called {name}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        tests = chosen;
+    }
+    if list {
+        for test in &tests {
+            println!("{}", test.name);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let warnings = env::GuestEnv::load().warnings;
+    let totals = runner::run_all(&tests, &warnings);
+    if totals.fail == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Child mode: run one test (guest test or self-test) and report it to the parent.
+fn run_one(name: &str) -> ExitCode {
+    let everything: Vec<Test> = [suites::all(), suites::selftests()].concat();
+    match registry::find(&everything, name) {
+        Some(test) => {
+            runner::run_child(test);
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("gracevm-suite: no test called {name}");
+            ExitCode::from(2)
+        }
+    }
+}

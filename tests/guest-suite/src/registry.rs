@@ -1,0 +1,58 @@
+//! The test registry: every test is a named function from [`Context`] to [`Outcome`].
+//!
+//! A suite is a module under `suites/` exposing `pub const TESTS: &[Test]`; `suites::all()`
+//! lists the suites in the order their tests run.
+
+use std::time::Duration;
+
+use crate::env::GuestEnv;
+use crate::outcome::Outcome;
+
+/// What a test may look at besides the guest itself.
+#[derive(Debug)]
+pub struct Context {
+    /// The VMM's expectations (`/gracevm/env`).
+    pub env: GuestEnv,
+}
+
+impl Context {
+    pub fn load() -> Context {
+        Context {
+            env: GuestEnv::load(),
+        }
+    }
+}
+
+/// A test body.
+pub type TestFn = fn(&Context) -> Outcome;
+
+/// One registered test.
+#[derive(Debug, Clone, Copy)]
+pub struct Test {
+    /// KTAP test name: lowercase words joined by `_`, unique across suites.
+    pub name: &'static str,
+    pub run: TestFn,
+    /// After this long the test is killed and reported `not ok ... # TIMEOUT`.
+    pub timeout: Duration,
+}
+
+impl Test {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+    pub const fn new(name: &'static str, run: TestFn) -> Test {
+        Test {
+            name,
+            run,
+            timeout: Test::DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub const fn with_timeout(self, timeout: Duration) -> Test {
+        Test { timeout, ..self }
+    }
+}
+
+/// The test called `name` among `tests`.
+pub fn find<'a>(tests: &'a [Test], name: &str) -> Option<&'a Test> {
+    tests.iter().find(|test| test.name == name)
+}

@@ -1,0 +1,405 @@
+//! Runs tests and prints KTAP.
+//!
+//! Each test runs in a child process (`gracevm-suite --run-one NAME`, the suite's own binary):
+//! the release profile aborts on panic, so a panicking test would otherwise take the whole
+//! suite down, and a hung test could not be stopped. The child prints the test's notes on
+//! stdout and finally one protocol line (starting with [`MARK`]) holding the outcome; its
+//! panic hook prints the panic message the same way before the abort. The parent turns notes,
+//! stderr and panics into `# ` diagnostics and kills the child's process group on timeout.
+//!
+//! If the suite cannot re-execute itself (no /proc), tests run in-process: a panic then ends
+//! the suite, but a timeout still reports and the suite goes on.
+
+use std::io::Read;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use crate::ktap;
+use crate::outcome::Outcome;
+use crate::registry::{Context, Test};
+
+/// Starts a child-to-parent protocol line (ASCII record separator: never in normal output).
+pub const MARK: char = '\u{1e}';
+/// Argument that makes the binary run one test as a child.
+pub const RUN_ONE: &str = "--run-one";
+
+/// How long to wait for a finished child's output pipes to close (a grandchild may hold them).
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// How the suite went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub pass: usize,
+    pub fail: usize,
+    pub skip: usize,
+    pub xfail: usize,
+}
+
+impl Totals {
+    fn count(&mut self, report: &Report) {
+        match report {
+            Report::Done(Outcome::Pass) => self.pass += 1,
+            Report::Done(Outcome::Fail(_)) | Report::TimedOut => self.fail += 1,
+            Report::Done(Outcome::Skip(_)) => self.skip += 1,
+            Report::Done(Outcome::XFail(_)) => self.xfail += 1,
+        }
+    }
+}
+
+/// What became of one test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Report {
+    Done(Outcome),
+    TimedOut,
+}
+
+/// Runs `tests` in order and prints KTAP for them (header, plan, results, totals).
+pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
+    ktap::emit(ktap::HEADER);
+    ktap::emit(&ktap::plan(tests.len()));
+    for warning in warnings {
+        ktap::note(format!("gracevm env: {warning}"));
+    }
+    let exe = self_exe();
+    if exe.is_none() {
+        ktap::note("cannot re-execute the suite (no /proc/self/exe): running tests in-process");
+    }
+    let mut totals = Totals::default();
+    for (index, test) in tests.iter().enumerate() {
+        let (notes, report) = match &exe {
+            Some(exe) => run_isolated(exe, test).unwrap_or_else(|e| {
+                let mut notes = vec![format!(
+                    "cannot start test process ({e}): running in-process"
+                )];
+                let (more, report) = run_in_process(test);
+                notes.extend(more);
+                (notes, report)
+            }),
+            None => run_in_process(test),
+        };
+        for note in &notes {
+            ktap::note(note);
+        }
+        let number = index + 1;
+        match &report {
+            Report::Done(outcome) => {
+                for line in ktap::outcome_diagnostics(outcome) {
+                    ktap::emit(&line);
+                }
+                ktap::emit(&ktap::result_line(number, test.name, outcome));
+            }
+            Report::TimedOut => {
+                ktap::note(format!(
+                    "{}: no result after {} s, killed",
+                    test.name,
+                    test.timeout.as_secs()
+                ));
+                ktap::emit(&ktap::timeout_line(number, test.name, test.timeout));
+            }
+        }
+        totals.count(&report);
+    }
+    ktap::emit(&ktap::totals_line(
+        totals.pass,
+        totals.fail,
+        totals.xfail,
+        totals.skip,
+    ));
+    totals
+}
+
+/// The child side: runs `test` and prints its outcome as a protocol line.
+pub fn run_child(test: &Test) {
+    std::panic::set_hook(Box::new(|info| {
+        ktap::emit(&format!("{MARK}panic {}", escape(&info.to_string())));
+    }));
+    let ctx = Context::load();
+    let outcome = (test.run)(&ctx);
+    ktap::emit(&encode_outcome(&outcome));
+}
+
+fn self_exe() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    exe.is_file().then_some(exe)
+}
+
+/// Runs `test` in a child process with a timeout.
+fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report)> {
+    let mut child = Command::new(exe)
+        .arg(RUN_ONE)
+        .arg(test.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()?;
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let pid = child.id();
+    let (done_tx, done_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    let status = match done_rx.recv_timeout(test.timeout) {
+        Ok(status) => Some(status?),
+        Err(_) => {
+            kill_group(pid);
+            let _ = done_rx.recv();
+            None
+        }
+    };
+    let stdout = stdout.recv_timeout(DRAIN_GRACE).unwrap_or_default();
+    let stderr = stderr.recv_timeout(DRAIN_GRACE).unwrap_or_default();
+    Ok(interpret(&stdout, &stderr, status))
+}
+
+/// Reads a pipe to its end on a thread; the bytes arrive on the returned channel.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        let _ = tx.send(bytes);
+    });
+    rx
+}
+
+fn kill_group(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours. The child was
+    // started in its own process group (pgid == its pid); it had not exited when the wait
+    // timed out, and the kernel hands out pids incrementally, so the group id cannot name
+    // someone else in the moment before the kill.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+}
+
+/// Turns a child's output and exit status (`None`: timed out) into notes and a report.
+fn interpret(stdout: &[u8], stderr: &[u8], status: Option<ExitStatus>) -> (Vec<String>, Report) {
+    let stdout = String::from_utf8_lossy(stdout);
+    let stderr = String::from_utf8_lossy(stderr);
+    let mut notes = Vec::new();
+    let mut outcome = None;
+    let mut panic = None;
+    for line in stdout.lines() {
+        match line.strip_prefix(MARK) {
+            Some(message) => match decode_message(message) {
+                Some(Message::Outcome(o)) => outcome = Some(o),
+                Some(Message::Panic(text)) => panic = Some(text),
+                None => notes.push(format!("bad protocol line from test: {message:?}")),
+            },
+            None => notes.push(line.to_string()),
+        }
+    }
+    notes.extend(stderr.lines().map(str::to_string));
+    notes.retain(|note| !note.trim().is_empty());
+    let Some(status) = status else {
+        return (notes, Report::TimedOut);
+    };
+    let report = match (outcome, panic) {
+        (_, Some(text)) => Outcome::fail(format!("test panicked: {}", text.replace('\n', " "))),
+        (Some(outcome), None) if status.success() => outcome,
+        (Some(outcome), None) => {
+            notes.push(format!("test process {}", describe(status)));
+            match outcome {
+                Outcome::Pass => {
+                    Outcome::fail(format!("test passed but its process {}", describe(status)))
+                }
+                other => other,
+            }
+        }
+        (None, None) => Outcome::fail(format!(
+            "test process {} without a result",
+            describe(status)
+        )),
+    };
+    (notes, Report::Done(report))
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, None) => format!("ended with {status}"),
+    }
+}
+
+/// Runs `test` on a thread of this process; only the timeout is contained.
+fn run_in_process(test: &Test) -> (Vec<String>, Report) {
+    let (tx, rx) = mpsc::channel();
+    let run = test.run;
+    let spawned = thread::Builder::new().spawn(move || {
+        let ctx = Context::load();
+        let _ = tx.send(run(&ctx));
+    });
+    if let Err(e) = spawned {
+        return (
+            Vec::new(),
+            Report::Done(Outcome::fail(format!("cannot start test thread: {e}"))),
+        );
+    }
+    match rx.recv_timeout(test.timeout) {
+        Ok(outcome) => (Vec::new(), Report::Done(outcome)),
+        Err(mpsc::RecvTimeoutError::Timeout) => (Vec::new(), Report::TimedOut),
+        Err(mpsc::RecvTimeoutError::Disconnected) => (
+            Vec::new(),
+            Report::Done(Outcome::fail("test thread ended without a result")),
+        ),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Message {
+    Outcome(Outcome),
+    Panic(String),
+}
+
+fn encode_outcome(outcome: &Outcome) -> String {
+    let (kind, text) = match outcome {
+        Outcome::Pass => ("pass", ""),
+        Outcome::Fail(why) => ("fail", why.as_str()),
+        Outcome::Skip(why) => ("skip", why.as_str()),
+        Outcome::XFail(why) => ("xfail", why.as_str()),
+    };
+    format!("{MARK}{kind} {}", escape(text))
+}
+
+fn decode_message(message: &str) -> Option<Message> {
+    let (kind, text) = message.split_once(' ').unwrap_or((message, ""));
+    let text = unescape(text);
+    Some(match kind {
+        "pass" => Message::Outcome(Outcome::Pass),
+        "fail" => Message::Outcome(Outcome::Fail(text)),
+        "skip" => Message::Outcome(Outcome::Skip(text)),
+        "xfail" => Message::Outcome(Outcome::XFail(text)),
+        "panic" => Message::Panic(text),
+        _ => return None,
+    })
+}
+
+/// Makes `text` one line: `\` and newline escaped.
+fn escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+fn unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exited(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    fn signalled(signal: i32) -> ExitStatus {
+        ExitStatus::from_raw(signal)
+    }
+
+    #[test]
+    fn test_protocol_round_trip_multiline_and_backslash() {
+        for outcome in [
+            Outcome::Pass,
+            Outcome::fail("a\\nb\nc"),
+            Outcome::skip("why"),
+            Outcome::xfail(""),
+        ] {
+            let line = encode_outcome(&outcome);
+            assert!(!line.contains('\n'));
+            let message = line.strip_prefix(MARK).unwrap();
+            assert_eq!(decode_message(message), Some(Message::Outcome(outcome)));
+        }
+    }
+
+    #[test]
+    fn test_interpret_outcome_and_notes_kept() {
+        let stdout = format!(
+            "# saw 2 cpus\nplain note\n{}\n",
+            encode_outcome(&Outcome::Pass)
+        );
+        let (notes, report) = interpret(stdout.as_bytes(), b"warning\n", Some(exited(0)));
+        assert_eq!(report, Report::Done(Outcome::Pass));
+        assert_eq!(notes, vec!["# saw 2 cpus", "plain note", "warning"]);
+    }
+
+    #[test]
+    fn test_interpret_panic_then_abort_fails_with_message() {
+        let stdout = format!(
+            "{MARK}panic {}\n",
+            escape("panicked at src/x.rs:1:2:\nboom")
+        );
+        let (_, report) = interpret(stdout.as_bytes(), b"", Some(signalled(libc::SIGABRT)));
+        assert_eq!(
+            report,
+            Report::Done(Outcome::fail(
+                "test panicked: panicked at src/x.rs:1:2: boom"
+            ))
+        );
+    }
+
+    #[test]
+    fn test_interpret_no_result_crash_fails() {
+        let (_, report) = interpret(b"", b"", Some(signalled(libc::SIGSEGV)));
+        assert_eq!(
+            report,
+            Report::Done(Outcome::fail(
+                "test process was killed by signal 11 without a result"
+            ))
+        );
+    }
+
+    #[test]
+    fn test_interpret_pass_with_bad_exit_fails() {
+        let stdout = encode_outcome(&Outcome::Pass);
+        let (_, report) = interpret(stdout.as_bytes(), b"", Some(exited(3)));
+        assert!(matches!(report, Report::Done(Outcome::Fail(_))));
+    }
+
+    #[test]
+    fn test_interpret_timeout_reports_timed_out() {
+        let (notes, report) = interpret(b"started\n", b"", None);
+        assert_eq!(report, Report::TimedOut);
+        assert_eq!(notes, vec!["started"]);
+    }
+
+    #[test]
+    fn test_totals_timeout_counts_as_failure() {
+        let mut totals = Totals::default();
+        totals.count(&Report::TimedOut);
+        totals.count(&Report::Done(Outcome::xfail("known")));
+        totals.count(&Report::Done(Outcome::Pass));
+        assert_eq!(
+            totals,
+            Totals {
+                pass: 1,
+                fail: 1,
+                skip: 0,
+                xfail: 1
+            }
+        );
+    }
+}
