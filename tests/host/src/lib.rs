@@ -1,0 +1,1 @@
+//! Host-side checks of what gracevm builds, with independent parsers (dtc, iasl).
