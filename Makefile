@@ -123,6 +123,8 @@ host-test: deps
 e2e: kernel initramfs
 	@echo "[test] end to end: booting $(GUEST_IMAGE)"
 	@$(HOST_VMM) test $(GUEST_ARGS) --timeout $(TIMEOUT) --out $(OUT)
+	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
+	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status
 
 test: host-test e2e
 
