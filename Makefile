@@ -60,7 +60,7 @@ export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
 
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 
-.PHONY: help deps kernel default-kernel initramfs vmm host-test e2e test run bench clean
+.PHONY: help deps kernel default-kernel initramfs vmm lint host-test e2e test run bench clean
 
 help:
 	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
@@ -69,7 +69,7 @@ help:
 ifeq ($(HOST_ARCH),aarch64)
 APT_PKGS := gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler acpica-tools
 else
-APT_PKGS := rustc-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
+APT_PKGS := rustc-web rust-web-clippy libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
             qemu-system-arm gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils \
             device-tree-compiler acpica-tools
 endif
@@ -115,7 +115,18 @@ initramfs: vmm $(BUSYBOX)
 	@tests/guest/mkinitramfs.sh $(BUSYBOX) $(SUITE) $(INITRD)
 
 # --- the two commands -----------------------------------------------------------------------
-host-test: deps
+# Formatting and clippy, including the aarch64-only KVM glue (linted with Debian's clippy for
+# the cross compiler on x86_64 hosts).
+lint: deps
+	@echo "[lint] cargo fmt --check, clippy (host$(if $(AARCH64_FLAGS), and aarch64,))"
+	@cargo fmt --all -- --check
+	@cargo clippy -q --workspace --all-targets -- -D warnings
+ifneq ($(HOST_ARCH),aarch64)
+	@RUSTC=/usr/bin/rustc /usr/bin/cargo-clippy clippy -q --target $(TARGET) --target-dir target/cross-clippy \
+	    -p gracevm -p guest-suite -- -D warnings
+endif
+
+host-test: deps lint
 	@echo "[test] host tests (cargo test)"
 	@cargo test -q --workspace --exclude guest-suite 2>&1 | grep -Ev '^(running 0 tests|test result: ok. 0 passed.*)$$|^$$'
 	@cargo test -q -p guest-suite 2>&1 | grep -E 'test result|FAILED|panicked' || true

@@ -11,7 +11,19 @@
 //! | 0x000  | BOOT | RW     | W: [`BOOT_MAGIC`] records the boot time, first write only.      |
 //! |        |      |        | R: 1 once the boot time is recorded, else 0.                    |
 //! | 0x004  | ID   | RO     | [`DEVICE_ID`], so the guest can check the device is present.    |
-//! | 0x008- |      |        | reserved (read as 0, writes ignored); room for later registers. |
+//! | 0x008  | ADDR_LO / ADDR_HI (0x00C) | RW | guest physical address of a probe           |
+//! | 0x010  | LEN_LO / LEN_HI (0x014)   | RW | probe length in bytes (multiple of 8)       |
+//! | 0x018  | VAL_LO / VAL_HI (0x01C)   | RW | CHECK_VALUE operand; PEEK result            |
+//! | 0x020  | CMD  | WO     | 1 PEEK, 2 CHECK_PATTERN, 3 CHECK_VALUE (see [`Cmd`])            |
+//! | 0x024  | STATUS | RO   | [`STATUS_OK`], [`STATUS_MISMATCH`], [`STATUS_OUTSIDE`],         |
+//! |        |      |        | [`STATUS_BAD_REQUEST`], [`STATUS_NONE`] before any command       |
+//! | 0x028  | WHERE_LO / WHERE_HI (0x02C) | RO | offset from ADDR of the first mismatch    |
+//! | 0x030- |      |        | reserved (read as 0, writes ignored).                           |
+//!
+//! The probe registers let the in-guest suite ask the VMM what *it* sees in guest memory, so a
+//! test checks both sides: "the guest wrote X at offset O and it landed at carve-out offset O".
+//! Only the observable regions the VMM registered (carve-outs, GPU memory) can be probed.
+//! Each region was filled at boot with [`pattern_word`]`(seed, offset)` in every u64.
 //!
 //! Every other access (other sizes, unaligned or reserved offsets, offsets at or beyond 0x1000,
 //! writes to ID, wrong or repeated BOOT writes) is logged and ignored; such reads return 0.
@@ -36,12 +48,52 @@ const ACCESS_SIZE: usize = 4;
 
 const BOOT: u64 = 0x000;
 const ID: u64 = 0x004;
+const PROBE_FIRST: u64 = 0x008;
+const PROBE_LAST: u64 = 0x02C;
+
+pub const STATUS_OK: u32 = 0;
+pub const STATUS_MISMATCH: u32 = 1;
+pub const STATUS_OUTSIDE: u32 = 2;
+pub const STATUS_BAD_REQUEST: u32 = 3;
+pub const STATUS_NONE: u32 = 0xffff_ffff;
+
+/// Probe commands written to CMD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmd {
+    /// VAL = the u64 at ADDR.
+    Peek = 1,
+    /// Every u64 in [ADDR, ADDR+LEN) still holds the boot pattern of its region.
+    CheckPattern = 2,
+    /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
+    CheckValue = 3,
+}
+
+/// The boot-time fill of observable regions: u64 at byte `offset` of a region with `seed`.
+pub fn pattern_word(seed: u64, offset: u64) -> u64 {
+    seed ^ offset
+}
+
+/// A guest memory range the VMM lets the guest probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeRegion {
+    pub base: u64,
+    pub size: u64,
+    pub seed: u64,
+}
+
+/// The VMM's view of guest memory, for probes.
+pub trait MemoryProbe: Send {
+    /// Read guest-physical `gpa..gpa+buf.len()` from the VMM's backing; false if unmapped.
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
+}
 
 /// A decoded register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reg {
     Boot,
     Id,
+    /// One of the 32-bit halves at 0x008..=0x02C (index = (offset - 8) / 4).
+    Probe(usize),
 }
 
 impl Reg {
@@ -49,8 +101,96 @@ impl Reg {
         match offset {
             BOOT => Some(Self::Boot),
             ID => Some(Self::Id),
+            PROBE_FIRST..=PROBE_LAST if offset % 4 == 0 => {
+                Some(Self::Probe(((offset - PROBE_FIRST) / 4) as usize))
+            }
             _ => None,
         }
+    }
+}
+
+/// Probe state: ADDR, LEN, VAL (lo/hi each), CMD (write-only), STATUS, WHERE lo/hi.
+struct Probe {
+    regs: [u32; 10],
+    regions: Vec<ProbeRegion>,
+    memory: Box<dyn MemoryProbe>,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("regs", &self.regs)
+            .field("regions", &self.regions)
+            .finish()
+    }
+}
+
+const R_ADDR: usize = 0;
+const R_LEN: usize = 2;
+const R_VAL: usize = 4;
+const R_CMD: usize = 6;
+const R_STATUS: usize = 7;
+const R_WHERE: usize = 8;
+
+impl Probe {
+    fn get64(&self, r: usize) -> u64 {
+        u64::from(self.regs[r]) | (u64::from(self.regs[r + 1]) << 32)
+    }
+
+    fn set64(&mut self, r: usize, v: u64) {
+        self.regs[r] = v as u32;
+        self.regs[r + 1] = (v >> 32) as u32;
+    }
+
+    /// Run a command; returns STATUS.
+    fn run(&mut self, cmd: u32) -> u32 {
+        let addr = self.get64(R_ADDR);
+        let len = if cmd == Cmd::Peek as u32 {
+            8
+        } else {
+            self.get64(R_LEN)
+        };
+        if !(1..=3).contains(&cmd) || addr % 8 != 0 || len == 0 || len % 8 != 0 {
+            return STATUS_BAD_REQUEST;
+        }
+        let Some(end) = addr.checked_add(len) else {
+            return STATUS_BAD_REQUEST;
+        };
+        let Some(region) = self
+            .regions
+            .iter()
+            .copied()
+            .find(|r| addr >= r.base && end <= r.base + r.size)
+        else {
+            return STATUS_OUTSIDE;
+        };
+        let want_value = self.get64(R_VAL);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            if !self.memory.read(addr + done, &mut buf[..n]) {
+                return STATUS_OUTSIDE;
+            }
+            for (i, word) in buf[..n].chunks_exact(8).enumerate() {
+                let got = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                let at = done + 8 * i as u64;
+                let want = match cmd {
+                    1 => {
+                        self.set64(R_VAL, got);
+                        return STATUS_OK;
+                    }
+                    2 => pattern_word(region.seed, addr - region.base + at),
+                    _ => want_value,
+                };
+                if got != want {
+                    self.set64(R_WHERE, at);
+                    return STATUS_MISMATCH;
+                }
+            }
+            done += n as u64;
+        }
+        STATUS_OK
     }
 }
 
@@ -59,6 +199,7 @@ impl Reg {
 pub struct TestDev {
     start: Instant,
     boot_time: Option<Duration>,
+    probe: Option<Probe>,
     warn: WarnLimiter,
 }
 
@@ -71,8 +212,21 @@ impl TestDev {
         Self {
             start,
             boot_time: None,
+            probe: None,
             warn: WarnLimiter::default(),
         }
+    }
+
+    /// Enable the probe registers over `regions`, read through `memory`.
+    pub fn with_probe(mut self, regions: Vec<ProbeRegion>, memory: Box<dyn MemoryProbe>) -> Self {
+        let mut regs = [0; 10];
+        regs[R_STATUS] = STATUS_NONE;
+        self.probe = Some(Probe {
+            regs,
+            regions,
+            memory,
+        });
+        self
     }
 
     /// Time from `start` to the guest's first [`BOOT_MAGIC`] write, if it has happened.
@@ -84,6 +238,8 @@ impl TestDev {
         match reg {
             Reg::Boot => u32::from(self.boot_time.is_some()),
             Reg::Id => DEVICE_ID,
+            Reg::Probe(R_CMD) => 0,
+            Reg::Probe(i) => self.probe.as_ref().map_or(0, |p| p.regs[i]),
         }
     }
 
@@ -99,6 +255,22 @@ impl TestDev {
                 Ok(())
             }
             Reg::Id => Err("write to the read-only ID register"),
+            Reg::Probe(i) => {
+                let Some(probe) = self.probe.as_mut() else {
+                    return Err("probe register written but this VM has no probe regions");
+                };
+                match i {
+                    R_CMD => {
+                        probe.regs[R_STATUS] = probe.run(value);
+                        Ok(())
+                    }
+                    R_STATUS | R_WHERE | 9 => Err("write to a read-only probe register"),
+                    _ => {
+                        probe.regs[i] = value;
+                        Ok(())
+                    }
+                }
+            }
         }
     }
 
@@ -283,5 +455,133 @@ mod tests {
         }
         // Writes of BOOT_MAGIC are astronomically unlikely; the state stays consistent.
         assert_eq!(read32(&mut dev, BOOT), u32::from(dev.boot_time().is_some()));
+    }
+
+    const CMD: u64 = 0x020;
+    const STATUS: u64 = 0x024;
+
+    /// Guest memory of one region at 0x1_0000 (64 KiB) filled with the boot pattern.
+    struct FakeMemory(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    const REGION: ProbeRegion = ProbeRegion {
+        base: 0x1_0000,
+        size: 0x1_0000,
+        seed: 0xabcd_0000_0000_0004,
+    };
+
+    impl MemoryProbe for FakeMemory {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+            let mem = self.0.lock().unwrap();
+            let Some(off) = gpa.checked_sub(REGION.base) else {
+                return false;
+            };
+            let Some(src) = mem.get(off as usize..off as usize + buf.len()) else {
+                return false;
+            };
+            buf.copy_from_slice(src);
+            true
+        }
+    }
+
+    fn probed() -> (TestDev, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+        let mem: Vec<u8> = (0..REGION.size / 8)
+            .flat_map(|i| pattern_word(REGION.seed, i * 8).to_le_bytes())
+            .collect();
+        let mem = std::sync::Arc::new(std::sync::Mutex::new(mem));
+        let dev =
+            started_a_second_ago().with_probe(vec![REGION], Box::new(FakeMemory(mem.clone())));
+        (dev, mem)
+    }
+
+    fn probe(dev: &mut TestDev, cmd: Cmd, addr: u64, len: u64, val: u64) -> u32 {
+        write32(dev, 0x08, addr as u32);
+        write32(dev, 0x0C, (addr >> 32) as u32);
+        write32(dev, 0x10, len as u32);
+        write32(dev, 0x14, (len >> 32) as u32);
+        write32(dev, 0x18, val as u32);
+        write32(dev, 0x1C, (val >> 32) as u32);
+        write32(dev, CMD, cmd as u32);
+        read32(dev, STATUS)
+    }
+
+    #[test]
+    fn test_probe_status_none_before_any_command() {
+        let (mut dev, _) = probed();
+        assert_eq!(read32(&mut dev, STATUS), STATUS_NONE);
+    }
+
+    #[test]
+    fn test_probe_pattern_intact_is_ok() {
+        let (mut dev, _) = probed();
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size, 0),
+            STATUS_OK
+        );
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base + 0x800, 0x100, 0),
+            STATUS_OK
+        );
+    }
+
+    #[test]
+    fn test_probe_guest_write_seen_by_peek_and_mismatch_located() {
+        let (mut dev, mem) = probed();
+        mem.lock().unwrap()[0x208..0x210].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(
+            probe(&mut dev, Cmd::Peek, REGION.base + 0x208, 0, 0),
+            STATUS_OK
+        );
+        assert_eq!(read32(&mut dev, 0x18), 0x5566_7788);
+        assert_eq!(read32(&mut dev, 0x1C), 0x1122_3344);
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base + 0x200, 0x100, 0),
+            STATUS_MISMATCH
+        );
+        assert_eq!(read32(&mut dev, 0x28), 0x8);
+    }
+
+    #[test]
+    fn test_probe_check_value_zeroed_region() {
+        let (mut dev, mem) = probed();
+        mem.lock().unwrap().fill(0);
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckValue, REGION.base, REGION.size, 0),
+            STATUS_OK
+        );
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckValue, REGION.base, REGION.size, 1),
+            STATUS_MISMATCH
+        );
+    }
+
+    #[test]
+    fn test_probe_outside_regions_and_bad_requests_refused() {
+        let (mut dev, _) = probed();
+        assert_eq!(probe(&mut dev, Cmd::Peek, 0x0, 0, 0), STATUS_OUTSIDE);
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size + 8, 0),
+            STATUS_OUTSIDE
+        );
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base + 4, 8, 0),
+            STATUS_BAD_REQUEST
+        );
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base, 0, 0),
+            STATUS_BAD_REQUEST
+        );
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, u64::MAX - 7, 16, 0),
+            STATUS_BAD_REQUEST
+        );
+        write32(&mut dev, CMD, 99);
+        assert_eq!(read32(&mut dev, STATUS), STATUS_BAD_REQUEST);
+    }
+
+    #[test]
+    fn test_probe_without_regions_ignores_writes() {
+        let mut dev = started_a_second_ago();
+        write32(&mut dev, CMD, Cmd::Peek as u32);
+        assert_eq!(read32(&mut dev, STATUS), 0);
     }
 }
