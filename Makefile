@@ -133,7 +133,7 @@ host-test: deps lint
 
 e2e: kernel initramfs
 	@echo "[test] end to end: booting $(GUEST_IMAGE)"
-	@$(HOST_VMM) test $(GUEST_ARGS) --timeout $(TIMEOUT) --out $(OUT)
+	@$(HOST_VMM) test --all-scenarios --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
 	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status
 

@@ -126,7 +126,7 @@ fn gracevm_boots(
     }
     if g.nested {
         let stage = Stage::new()?;
-        let base = g.inner_args(&stage, Some(timeout))?;
+        let base = g.inner_args(&stage, "bench", Some(timeout))?;
         let jobs = dirs
             .iter()
             .map(|d| {

@@ -49,10 +49,39 @@ pub fn env_file(platform: &Platform, mode: &Mode) -> String {
         put("CMD", shell_quote(cmd));
     }
     put("BOOT_TIMER", format!("{:#x}", layout::TESTDEV_BASE));
+    put("TESTDEV", format!("{:#x}", layout::TESTDEV_BASE));
     put("CPUS", platform.vcpus.to_string());
-    put("SYSTEM_RAM", platform.boot_ram().to_string());
+    put("SYSTEM_RAM", platform.system_ram().to_string());
     put("BOOT_MODE", platform.boot.to_string());
+    let map = platform.memory_map();
+    put("NUMA_NODES", node_list(map.ram.len()));
+    let carve_outs: Vec<String> = map
+        .carve_outs
+        .iter()
+        .map(|c| {
+            let seed = carveout_seed(c.pxm);
+            format!(
+                "{}:{:#x}:{:#x}:{seed:#x}",
+                c.pxm, c.range.base, c.range.size
+            )
+        })
+        .collect();
+    put("CARVEOUTS", shell_quote(&carve_outs.join(" ")));
     env
+}
+
+/// The seed of a carve-out's boot pattern ("GRACE" and the PXM), see `testdev::pattern_word`.
+pub fn carveout_seed(pxm: u32) -> u64 {
+    0x4752_4143_4500_0000 | u64::from(pxm)
+}
+
+/// Linux's list syntax for nodes `0..n`: "0", "0-3".
+fn node_list(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        1 => "0".into(),
+        n => format!("0-{}", n - 1),
+    }
 }
 
 /// The user's initrd followed by gracevm's archive.
@@ -86,8 +115,14 @@ mod tests {
         assert!(env.contains("GRACEVM_MODE=run\n"));
         assert!(env.contains(r"GRACEVM_CMD='echo '\''hi'\'''"), "{env}");
         assert!(env.contains("GRACEVM_CPUS=3\n"));
-        assert!(env.contains(&format!("GRACEVM_SYSTEM_RAM={}\n", p.boot_ram())));
+        assert!(env.contains(&format!("GRACEVM_SYSTEM_RAM={}\n", p.system_ram())));
         assert!(env.contains("GRACEVM_BOOT_TIMER=0x9010000\n"));
+        assert!(env.contains("GRACEVM_NUMA_NODES=0\n"));
+        // The default platform has one 1 GiB carve-out at PXM 4.
+        assert!(
+            env.contains("GRACEVM_CARVEOUTS='4:0x8000000000:0x40000000:0x4752414345000004'\n"),
+            "{env}"
+        );
     }
 
     #[test]

@@ -56,12 +56,33 @@ enum Command {
     Test {
         #[command(flatten)]
         guest: GuestArgs,
-        /// Output directory: console.log, results.ktap, results.json.
+        /// Output directory: results.ktap, results.json, and per scenario its console.log.
         #[arg(long, default_value = "out")]
         out: PathBuf,
-        /// Scenario name used in reports.
+        /// Run this named scenario (a description NAME.toml in --scenarios-dir); repeatable.
+        /// Without any, one scenario from --platform (or the built-in default) is run.
+        #[arg(long = "scenario", value_name = "NAME")]
+        scenarios: Vec<String>,
+        /// Run every scenario in --scenarios-dir.
+        #[arg(long)]
+        all_scenarios: bool,
+        /// Where named scenarios live.
+        #[arg(long, env = "GRACEVM_SCENARIOS", default_value = "tests/scenarios")]
+        scenarios_dir: PathBuf,
+        /// Name of the single scenario run from --platform.
         #[arg(long, default_value = "default")]
         name: String,
+    },
+    /// Write what the guest's firmware would hand the kernel: the DTB and each ACPI table.
+    Firmware {
+        /// Platform description (TOML); the built-in default when absent.
+        #[arg(long)]
+        platform: Option<PathBuf>,
+        /// vCPUs (overrides the description).
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Boot-to-userspace time of gracevm next to qemu-system-aarch64 TCG on the same images.
     Bench {
@@ -192,10 +213,37 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
             }
             run(&g, mode, out.as_deref(), watch)
         }
-        Command::Test { guest, out, name } => {
-            let g = Resolved::new(&guest)?;
+        Command::Test {
+            guest,
+            out,
+            scenarios,
+            all_scenarios,
+            scenarios_dir,
+            name,
+        } => {
+            let runs = scenario_list(&guest, &scenarios, all_scenarios, &scenarios_dir, &name)?;
             create_out(&out)?;
-            test(&g, &out, &name, watch)
+            test(&runs, &out, watch)
+        }
+        Command::Firmware {
+            platform,
+            cpus,
+            out,
+        } => {
+            let mut p = load_platform(platform.as_deref())?;
+            if let Some(c) = cpus {
+                p.vcpus = c;
+            }
+            p.validate().map_err(|e| Usage(format!("platform: {e}")))?;
+            create_out(&out)?;
+            let boot = firmware::BootParams {
+                cmdline: gracevm::guest::cmdline(""),
+                ..firmware::BootParams::example(p.vcpus)
+            };
+            for f in firmware::write_dir(&p, &boot, &out)? {
+                println!("{}", f.display());
+            }
+            Ok(0)
         }
         Command::Bench { guest, runs, out } => {
             let g = Resolved::new(&guest)?;
@@ -311,12 +359,17 @@ impl Resolved {
     }
 
     /// The argv of the same guest for the gracevm inside level 1, with files staged.
-    fn inner_args(&self, stage: &Stage, timeout: Option<Duration>) -> Result<Vec<String>> {
+    fn inner_args(
+        &self,
+        stage: &Stage,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<String>> {
         let mut v = vec!["--route".into(), "direct".into()];
         v.extend(["--kernel".into(), stage.add("kernel", &self.kernel)?]);
         v.extend(["--initrd".into(), stage.add("initrd", &self.initrd)?]);
         if let Some(p) = &self.args.platform {
-            v.extend(["--platform".into(), stage.add("platform.toml", p)?]);
+            v.extend(["--platform".into(), stage.add(&format!("{name}.toml"), p)?]);
         }
         v.extend(["--cpus".into(), self.platform.vcpus.to_string()]);
         v.extend(["--memory".into(), self.platform.boot_ram().to_string()]);
@@ -331,8 +384,84 @@ impl Resolved {
 
     /// Memory for the level-1 machine: the guest's RAM plus room for its own kernel and files.
     fn level1_memory_mib(&self) -> u64 {
-        self.platform.boot_ram().div_ceil(1 << 20) + 768
+        let map = self.platform.memory_map();
+        let guest: u64 = map.ram.iter().map(|r| r.range.size).sum::<u64>()
+            + map.carve_outs.iter().map(|c| c.range.size).sum::<u64>()
+            + map.gpus.iter().map(|g| g.memory.size).sum::<u64>();
+        guest.div_ceil(1 << 20) + 768
     }
+}
+
+/// A platform description from a file, or the built-in Grace-like default.
+fn load_platform(path: Option<&Path>) -> Result<Platform> {
+    let Some(p) = path else {
+        return Ok(Platform::default());
+    };
+    let text = std::fs::read_to_string(p).map_err(|e| {
+        Usage(format!(
+            "cannot read platform description {}: {e}",
+            p.display()
+        ))
+    })?;
+    Ok(Platform::from_toml(&text, &p.display().to_string()).map_err(|e| Usage(e.to_string()))?)
+}
+
+/// One scenario to test: a name and the guest resolved with its platform.
+struct ScenarioRun {
+    name: String,
+    guest: Resolved,
+}
+
+fn scenario_list(
+    guest: &GuestArgs,
+    names: &[String],
+    all: bool,
+    dir: &Path,
+    single: &str,
+) -> Result<Vec<ScenarioRun>> {
+    let mut names = names.to_vec();
+    if all {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            Usage(format!(
+                "cannot list scenarios in {}: {e} (set --scenarios-dir)",
+                dir.display()
+            ))
+        })?;
+        let mut found: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".toml")
+                    .map(String::from)
+            })
+            .collect();
+        found.sort();
+        names.extend(found);
+    }
+    if names.is_empty() {
+        return Ok(vec![ScenarioRun {
+            name: single.to_string(),
+            guest: Resolved::new(guest)?,
+        }]);
+    }
+    let mut runs = Vec::new();
+    for name in names {
+        let file = dir.join(format!("{name}.toml"));
+        if !file.is_file() {
+            return usage(format!(
+                "no scenario '{name}': {} does not exist",
+                file.display()
+            ));
+        }
+        let mut a = guest.clone();
+        a.platform = Some(file);
+        runs.push(ScenarioRun {
+            name,
+            guest: Resolved::new(&a)?,
+        });
+    }
+    Ok(runs)
 }
 
 fn existing(p: Option<&Path>, what: &str, how: &str) -> Result<PathBuf> {
@@ -391,7 +520,7 @@ fn run(g: &Resolved, mode: Mode, out: Option<&Path>, watch: Arc<Watch>) -> Resul
     if g.nested {
         let stage = Stage::new()?;
         let mut job = vec!["run".to_string()];
-        job.extend(g.inner_args(&stage, timeout)?);
+        job.extend(g.inner_args(&stage, "run", timeout)?);
         if let Mode::Run(cmd) = &mode {
             job.extend(["--cmd".into(), cmd.clone()]);
         }
@@ -466,39 +595,45 @@ pub fn max_rss_kib() -> u64 {
     u64::try_from(ru.ru_maxrss).unwrap_or(0)
 }
 
-fn test(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Result<i32> {
-    let timeout = g.timeout(Some(300));
-    let scenario = if g.nested {
-        test_nested(g, out, name, timeout, watch)?
+fn test(runs: &[ScenarioRun], out: &Path, watch: Arc<Watch>) -> Result<i32> {
+    let scenarios = if runs.iter().any(|r| r.guest.nested) {
+        test_nested(runs, out, watch)?
     } else {
-        test_direct(g, out, name, timeout, watch)?
+        let mut v = Vec::new();
+        for r in runs {
+            let dir = out.join(&r.name);
+            create_out(&dir)?;
+            v.push(test_direct(&r.guest, &dir, &r.name, watch.clone())?);
+        }
+        v
     };
-    let summary = Summary::new(vec![scenario]);
+    let summary = Summary::new(scenarios);
     summary.write(out)?;
     print!("{}", summary.ktap());
     let _ = std::io::stdout().flush();
     let c = &summary.counts;
-    info!("{name}: results in {}", out.display());
+    info!("results in {}", out.display());
     // The plain closing line CI systems read.
-    eprintln!("summary: {} passed, {} failed, {} skipped", c.pass, c.fail, c.skip + c.xfail);
+    eprintln!(
+        "summary: {} passed, {} failed, {} skipped",
+        c.pass,
+        c.fail,
+        c.skip + c.xfail
+    );
     Ok(summary.exit_code)
 }
 
-fn test_direct(
-    g: &Resolved,
-    out: &Path,
-    name: &str,
-    timeout: Option<Duration>,
-    watch: Arc<Watch>,
-) -> Result<ScenarioResult> {
+fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Result<ScenarioResult> {
+    let timeout = g.timeout(Some(300));
     let log = std::fs::File::create(out.join("console.log")).context("creating console.log")?;
     let sink =
         harness::console::ConsoleSink::new(Some(log), false, Some(name.to_string()), watch.clone());
     let captured = sink.captured();
     info!(
-        "{name}: booting {} ({} vCPUs)",
+        "{name}: booting {} ({} vCPUs, {} boot)",
         g.kernel.display(),
-        g.platform.vcpus
+        g.platform.vcpus,
+        g.platform.boot
     );
     let report = match boot_direct(g, &Mode::Test, Box::new(sink), false, timeout, watch) {
         Ok(r) => r,
@@ -511,40 +646,52 @@ fn test_direct(
     };
     let cap = captured.lock().unwrap_or_else(|p| p.into_inner());
     let guest = harness::ktap::parse(&cap.ktap);
-    Ok(evaluate(name, &report, &guest, cap.panic.clone()))
+    let result = evaluate(name, &report, &guest, cap.panic.clone());
+    // The scenario's own results, as a nested outer gracevm reads them back.
+    Summary::new(vec![result.clone()]).write(out)?;
+    Ok(result)
 }
 
-/// Run the test inside level 1; the inner gracevm writes results into the shared `out`.
-fn test_nested(
-    g: &Resolved,
-    out: &Path,
-    name: &str,
-    timeout: Option<Duration>,
-    watch: Arc<Watch>,
-) -> Result<ScenarioResult> {
+/// Run every scenario in one level-1 boot; each inner gracevm writes into out/<name>.
+fn test_nested(runs: &[ScenarioRun], out: &Path, watch: Arc<Watch>) -> Result<Vec<ScenarioResult>> {
     let stage = Stage::new()?;
-    let mut job = vec!["test".to_string()];
-    job.extend(g.inner_args(&stage, timeout)?);
-    job.extend(["--out".into(), "/out".into(), "--name".into(), name.into()]);
-    let _ = std::fs::remove_file(out.join("results.json"));
-    let l1 = g.level1()?;
+    let mut jobs = Vec::new();
+    let mut total = Duration::ZERO;
+    for r in runs {
+        let timeout = r.guest.timeout(Some(300));
+        total += timeout.unwrap_or_default();
+        let dir = out.join(&r.name);
+        create_out(&dir)?;
+        let _ = std::fs::remove_file(dir.join("results.json"));
+        let mut job = vec!["test".to_string()];
+        job.extend(r.guest.inner_args(&stage, &r.name, timeout)?);
+        // The inner gracevm writes out/<name>/ itself (console.log, results.json).
+        job.extend([
+            "--out".into(),
+            "/out".into(),
+            "--name".into(),
+            r.name.clone(),
+        ]);
+        jobs.push(job);
+    }
+    let first = &runs[0].guest;
+    let l1 = first.level1()?;
     let end = NestedRun {
         level1: &l1,
         stage: &stage,
-        jobs: vec![job],
+        jobs,
         out: Some(out),
         interactive: false,
-        memory_mib: g.level1_memory_mib(),
-        timeout,
+        memory_mib: runs
+            .iter()
+            .map(|r| r.guest.level1_memory_mib())
+            .max()
+            .unwrap_or(1024),
+        timeout: Some(total),
         watch,
     }
     .run()?;
-    let inner: Option<Summary> = std::fs::read_to_string(out.join("results.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| serde_json::from_value::<SummaryIn>(v).ok())
-        .map(|s| s.into());
-    let lost = |why: GuestEnd| {
+    let lost = |name: &str, why: GuestEnd| {
         let r = RunReport {
             end: why,
             boot_time: None,
@@ -553,25 +700,33 @@ fn test_nested(
         };
         evaluate(name, &r, &Default::default(), None)
     };
-    Ok(match (end, inner) {
-        (Level1End::Done(_), Some(mut s)) => s.scenarios.remove(0),
-        (Level1End::Timeout, _) => lost(GuestEnd::Timeout),
-        (Level1End::Interrupted, _) => lost(GuestEnd::Interrupted),
-        (Level1End::Failed(m), _) => lost(GuestEnd::VmmFailure(m)),
-        (Level1End::Done(_), None) => lost(GuestEnd::VmmFailure(
-            "the gracevm inside level 1 left no results.json (see level1-console.log)".into(),
-        )),
-    })
+    Ok(runs
+        .iter()
+        .map(|r| {
+            let inner: Option<ScenarioResult> =
+                std::fs::read_to_string(out.join(&r.name).join("results.json"))
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<SummaryIn>(&s).ok())
+                    .and_then(|mut s| s.scenarios.pop());
+            match (&end, inner) {
+                (_, Some(s)) => s,
+                (Level1End::Timeout, None) => lost(&r.name, GuestEnd::Timeout),
+                (Level1End::Interrupted, None) => lost(&r.name, GuestEnd::Interrupted),
+                (Level1End::Failed(m), None) => lost(&r.name, GuestEnd::VmmFailure(m.clone())),
+                (Level1End::Done(_), None) => lost(
+                    &r.name,
+                    GuestEnd::VmmFailure(
+                        "the gracevm inside level 1 left no results.json (see level1-console.log)"
+                            .into(),
+                    ),
+                ),
+            }
+        })
+        .collect())
 }
 
 /// results.json as read back from a nested run.
 #[derive(serde::Deserialize)]
 struct SummaryIn {
     scenarios: Vec<ScenarioResult>,
-}
-
-impl From<SummaryIn> for Summary {
-    fn from(s: SummaryIn) -> Self {
-        Summary::new(s.scenarios)
-    }
 }

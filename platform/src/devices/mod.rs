@@ -8,6 +8,7 @@
 //! understand (bad offset, bad size, write to a read-only register) are logged through a
 //! [`WarnLimiter`] and ignored; such reads return zeroes.
 
+pub mod pci;
 pub mod pl011;
 pub mod testdev;
 

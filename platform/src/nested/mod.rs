@@ -117,13 +117,23 @@ impl Stage {
     }
 
     /// Put `src` in the share as `name` (a hard link when possible: kernels are large).
+    /// Staging the same name twice keeps the first. The copy fallback goes through a new file
+    /// and a rename, so the user's file is never opened for writing (a copy onto an existing
+    /// hard link of the source would truncate the source itself).
     pub fn add(&self, name: &str, src: &Path) -> Result<String> {
         let dst = self.path().join(name);
-        if fs::hard_link(src, &dst).is_err() {
-            fs::copy(src, &dst)
-                .with_context(|| format!("copying {} into the stage directory", src.display()))?;
+        let guest_path = format!("/stage/{name}");
+        if dst.exists() {
+            return Ok(guest_path);
         }
-        Ok(format!("/stage/{name}"))
+        if fs::hard_link(src, &dst).is_ok() {
+            return Ok(guest_path);
+        }
+        let tmp = self.path().join(format!(".{name}.partial"));
+        fs::copy(src, &tmp)
+            .and_then(|_| fs::rename(&tmp, &dst))
+            .with_context(|| format!("copying {} into the stage directory", src.display()))?;
+        Ok(guest_path)
     }
 
     pub fn write(&self, name: &str, data: &[u8]) -> Result<String> {
@@ -320,5 +330,37 @@ fn relay_console(out: impl std::io::Read, log: &Path) {
             eprintln!("{text}");
         }
         line.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_stage_add_twice_leaves_source_intact() {
+        // Arrange: a "kernel" outside the stage directory.
+        let src_dir = TempDir::new_with_prefix(std::env::temp_dir().join("gracevm-src")).unwrap();
+        let src = src_dir.as_path().join("Image");
+        fs::write(&src, b"ARM64 kernel bytes").unwrap();
+        let stage = Stage::new().unwrap();
+        // Act: two scenarios stage the same kernel.
+        let a = stage.add("kernel", &src).unwrap();
+        let b = stage.add("kernel", &src).unwrap();
+        // Assert
+        assert_eq!(a, "/stage/kernel");
+        assert_eq!(a, b);
+        assert_eq!(fs::read(&src).unwrap(), b"ARM64 kernel bytes");
+        assert_eq!(
+            fs::read(stage.path().join("kernel")).unwrap(),
+            b"ARM64 kernel bytes"
+        );
+    }
+
+    #[test]
+    fn test_stage_write_and_jobs_quoting() {
+        let stage = Stage::new().unwrap();
+        assert_eq!(stage.write("jobs", b"x").unwrap(), "/stage/jobs");
+        assert_eq!(shell_quote("a b"), "'a b'");
     }
 }

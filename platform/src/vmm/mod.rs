@@ -34,8 +34,9 @@ use firmware::layout::{self, MIB};
 use firmware::BootParams;
 
 use crate::devices::pl011::Pl011;
-use crate::devices::testdev::TestDev;
+use crate::devices::testdev::{pattern_word, MemoryProbe, ProbeRegion, TestDev};
 use crate::devices::{IrqLine, MmioBus};
+use crate::guest;
 use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
 
 /// What ends a run, as reported by vCPU threads and the console watcher.
@@ -94,11 +95,6 @@ fn open_kvm() -> Result<Kvm> {
     })
 }
 
-/// Bits of guest physical address space needed to reach `top` (exclusive).
-fn ipa_bits(top: u64) -> u32 {
-    (64 - (top - 1).leading_zeros()).max(32)
-}
-
 /// Boot a guest and run it to its end.
 pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let started = Instant::now();
@@ -106,30 +102,41 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let ram = platform.boot_ram();
 
     let kvm = open_kvm()?;
-    let need = ipa_bits(layout::RAM_BASE + ram);
     let limit = kvm.get_host_ipa_limit();
     let vm_type = if limit > 0 {
-        if need > limit as u32 {
-            bail!(
-                "the platform needs {need}-bit guest physical addresses but this host's KVM \
-                 supports {limit} bits: shrink the description's address range"
-            );
-        }
-        u64::from(need.max(40))
+        platform
+            .validate_ipa(limit as u32)
+            .map_err(|e| anyhow!("{e}"))?;
+        u64::from(platform.required_ipa_bits().max(40))
     } else {
-        0 // KVM without KVM_CAP_ARM_VM_IPA_SIZE: the fixed 40-bit default
+        // KVM without KVM_CAP_ARM_VM_IPA_SIZE: the fixed 40-bit default.
+        platform.validate_ipa(40).map_err(|e| anyhow!("{e}"))?;
+        0
     };
     let vm = Arc::new(
         kvm.create_vm_with_type(vm_type)
             .context("KVM_CREATE_VM failed")?,
     );
 
-    let mem = memory::create(&vm, &[(layout::RAM_BASE, ram)])?;
+    // Every range of the memory map gets its own memslot: RAM per socket, each EGM carve-out,
+    // each GPU memory aperture.
+    let map = platform.memory_map();
+    let mut ranges: Vec<(u64, u64)> = map
+        .ram
+        .iter()
+        .map(|r| (r.range.base, r.range.size))
+        .collect();
+    ranges.extend(map.carve_outs.iter().map(|c| (c.range.base, c.range.size)));
+    ranges.extend(map.gpus.iter().map(|g| (g.memory.base, g.memory.size)));
+    ranges.sort_unstable();
+    let mem = memory::create(&vm, &ranges)?;
+    let probe_regions = fill_observable(&mem, &map)?;
+
     let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
     let mpidrs = vcpus.iter().map(vcpu::mpidr).collect::<Result<Vec<_>>>()?;
     let _gic = gic::Gic::create(&vm)?;
 
-    // Kernel at RAM + 2 MiB, DTB in the top 2 MiB, initrd just below it.
+    // Kernel at RAM + 2 MiB, DTB in the top 2 MiB of socket 0 RAM, initrd just below it.
     let mut kernel = File::open(&spec.kernel)
         .with_context(|| format!("opening kernel {}", spec.kernel.display()))?;
     let image_size = arm64_image_size(&mut kernel)?;
@@ -167,10 +174,23 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         mpidrs,
         rng_seed,
     };
-    let dtb = firmware::build_dtb(platform, &boot)?;
-    mem.write_slice(&dtb, GuestAddress(dtb_addr))
+    let fw = firmware::build(platform, &boot)?;
+    mem.write_slice(&fw.blob, GuestAddress(layout::FIRMWARE_BASE))
+        .context("writing the firmware blob")?;
+    mem.write_slice(&fw.dtb, GuestAddress(dtb_addr))
         .context("writing the DTB")?;
     vcpu::set_boot_regs(&vcpus[0], entry, dtb_addr)?;
+    info!(
+        "{} boot: {} ACPI tables, DTB {} bytes{}",
+        fw.boot,
+        fw.acpi_tables.len(),
+        fw.dtb.len(),
+        if fw.extra_cmdline.is_empty() {
+            String::new()
+        } else {
+            format!(", cmdline + '{}'", fw.extra_cmdline)
+        }
+    );
 
     // Devices.
     let (tx, rx) = channel();
@@ -186,7 +206,9 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         }),
         spec.console,
     )));
-    let testdev = Arc::new(Mutex::new(TestDev::new(started)));
+    let testdev = Arc::new(Mutex::new(
+        TestDev::new(started).with_probe(probe_regions, Box::new(GuestProbe(mem.clone()))),
+    ));
     let mut bus = MmioBus::new();
     bus.insert(layout::UART_BASE, layout::UART_SIZE, uart.clone())?;
     bus.insert(layout::TESTDEV_BASE, layout::TESTDEV_SIZE, testdev.clone())?;
@@ -233,6 +255,50 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         vmm_ready,
         wall: started.elapsed(),
     })
+}
+
+/// Fill each carve-out with its boot pattern (so a test can tell "never written" from
+/// "zeroed" from "written by the guest") and list every range the guest may probe.
+fn fill_observable(
+    mem: &memory::GuestMemory,
+    map: &firmware::MemoryMap,
+) -> Result<Vec<ProbeRegion>> {
+    let mut regions = Vec::new();
+    let mut chunk = vec![0u8; MIB as usize];
+    for c in &map.carve_outs {
+        let seed = guest::carveout_seed(c.pxm);
+        let mut off = 0;
+        while off < c.range.size {
+            let n = (c.range.size - off).min(MIB);
+            for (i, w) in chunk[..n as usize].chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&pattern_word(seed, off + 8 * i as u64).to_le_bytes());
+            }
+            mem.write_slice(&chunk[..n as usize], GuestAddress(c.range.base + off))
+                .context("filling a carve-out")?;
+            off += n;
+        }
+        regions.push(ProbeRegion {
+            base: c.range.base,
+            size: c.range.size,
+            seed,
+        });
+    }
+    // GPU memory starts zeroed, as fresh RAM does; it is probed with PEEK/CHECK_VALUE.
+    regions.extend(map.gpus.iter().map(|g| ProbeRegion {
+        base: g.memory.base,
+        size: g.memory.size,
+        seed: 0,
+    }));
+    Ok(regions)
+}
+
+/// The test device's view of guest memory: the VMM's own mappings.
+struct GuestProbe(memory::GuestMemory);
+
+impl MemoryProbe for GuestProbe {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.0.read_slice(buf, GuestAddress(gpa)).is_ok()
+    }
 }
 
 /// `image_size` from the arm64 Image header: the memory the kernel occupies including BSS.

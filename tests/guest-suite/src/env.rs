@@ -14,6 +14,14 @@ pub const ENV_PATH: &str = "/gracevm/env";
 /// Overrides [`ENV_PATH`] (for running the suite by hand or on a host).
 pub const ENV_PATH_OVERRIDE: &str = "GRACEVM_ENV_FILE";
 
+/// Env keys the platform tests read.
+pub const BOOT_MODE: &str = "GRACEVM_BOOT_MODE";
+pub const CARVEOUTS: &str = "GRACEVM_CARVEOUTS";
+pub const NUMA_NODES: &str = "GRACEVM_NUMA_NODES";
+pub const SYSTEM_RAM: &str = "GRACEVM_SYSTEM_RAM";
+pub const TESTDEV: &str = "GRACEVM_TESTDEV";
+pub const CPUS: &str = "GRACEVM_CPUS";
+
 /// The parsed `/gracevm/env`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GuestEnv {
@@ -103,6 +111,32 @@ impl GuestEnv {
             .ok_or_else(|| Outcome::skip(format!("{key} not set in {ENV_PATH}")))
     }
 
+    /// `GRACEVM_BOOT_MODE`: `Skip` when missing, `Fail` when neither `acpi` nor `dt`.
+    pub fn boot_mode(&self) -> Result<BootMode, Outcome> {
+        let text = self.require(BOOT_MODE)?;
+        match text.trim().to_ascii_lowercase().as_str() {
+            "acpi" => Ok(BootMode::Acpi),
+            "dt" => Ok(BootMode::Dt),
+            _ => Err(Outcome::fail(format!(
+                "{BOOT_MODE}={text:?} in {ENV_PATH} is neither acpi nor dt"
+            ))),
+        }
+    }
+
+    /// The EGM carve-outs (`GRACEVM_CARVEOUTS`): `Skip` when the key is missing or empty (no
+    /// carve-out to test), `Fail` when malformed.
+    pub fn carveouts(&self) -> Result<Vec<Carveout>, Outcome> {
+        let text = self.require(CARVEOUTS)?;
+        let carveouts = parse_carveouts(text)
+            .map_err(|why| Outcome::fail(format!("{CARVEOUTS} in {ENV_PATH}: {why}")))?;
+        if carveouts.is_empty() {
+            return Err(Outcome::skip(
+                "platform has no EGM carve-out (GRACEVM_CARVEOUTS is empty)",
+            ));
+        }
+        Ok(carveouts)
+    }
+
     /// An integer expectation (decimal or `0x` hex): `Skip` when missing, `Fail` when
     /// malformed (the VMM wrote something wrong).
     pub fn require_u64(&self, key: &str) -> Result<u64, Outcome> {
@@ -110,6 +144,109 @@ impl GuestEnv {
         parse_u64(text)
             .ok_or_else(|| Outcome::fail(format!("{key}={text:?} in {ENV_PATH} is not a number")))
     }
+}
+
+/// Which firmware interface the VMM booted the guest with (`GRACEVM_BOOT_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMode {
+    /// EFI hand-off (system table + memory map in `/chosen`) with ACPI tables.
+    Acpi,
+    /// A full device tree, no EFI.
+    Dt,
+}
+
+impl std::fmt::Display for BootMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootMode::Acpi => "acpi",
+            BootMode::Dt => "dt",
+        })
+    }
+}
+
+/// An EGM carve-out the VMM placed (one entry of `GRACEVM_CARVEOUTS`): guest physical
+/// `[base, base + size)`, in no memory map, filled at boot with `seed ^ offset` in every u64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Carveout {
+    /// `nvidia,egm-pxm`, the proximity domain the EGM driver names `/dev/egm<pxm>` after.
+    pub pxm: u32,
+    pub base: u64,
+    pub size: u64,
+    pub seed: u64,
+}
+
+impl Carveout {
+    /// Exclusive end (cannot overflow: checked when parsed).
+    pub fn end(&self) -> u64 {
+        self.base + self.size
+    }
+
+    /// The boot-time fill: the u64 at byte `offset` from `base`.
+    pub fn pattern_word(&self, offset: u64) -> u64 {
+        self.seed ^ offset
+    }
+
+    /// Whether `[start, end)` (exclusive end) shares a byte with the carve-out.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        start < self.end() && self.base < end
+    }
+}
+
+impl std::fmt::Display for Carveout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "carve-out pxm {} [{:#x}-{:#x}]",
+            self.pxm,
+            self.base,
+            self.end() - 1
+        )
+    }
+}
+
+/// Parses `GRACEVM_CARVEOUTS`: entries `pxm:base:size:seed` separated by whitespace (or
+/// commas); each number decimal or `0x` hex. Empty text is no carve-out. Every entry must be
+/// 8-byte aligned, non-empty and below 2^64.
+pub fn parse_carveouts(text: &str) -> Result<Vec<Carveout>, String> {
+    let mut carveouts = Vec::new();
+    for entry in text
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|entry| !entry.is_empty())
+    {
+        let fields: Vec<&str> = entry.split(':').collect();
+        let [pxm, base, size, seed] = fields[..] else {
+            return Err(format!(
+                "carve-out {entry:?}: expected pxm:base:size:seed, found {} field(s)",
+                fields.len()
+            ));
+        };
+        let number = |what: &str, text: &str| {
+            parse_u64(text)
+                .ok_or_else(|| format!("carve-out {entry:?}: {what} {text:?} is not a number"))
+        };
+        let pxm = number("pxm", pxm)?;
+        let pxm = u32::try_from(pxm)
+            .map_err(|_| format!("carve-out {entry:?}: pxm {pxm} is out of range"))?;
+        let carveout = Carveout {
+            pxm,
+            base: number("base", base)?,
+            size: number("size", size)?,
+            seed: number("seed", seed)?,
+        };
+        if carveout.size == 0 {
+            return Err(format!("carve-out {entry:?}: size is 0"));
+        }
+        if carveout.base % 8 != 0 || carveout.size % 8 != 0 {
+            return Err(format!(
+                "carve-out {entry:?}: base and size must be multiples of 8"
+            ));
+        }
+        if carveout.base.checked_add(carveout.size).is_none() {
+            return Err(format!("carve-out {entry:?}: ends beyond 2^64"));
+        }
+        carveouts.push(carveout);
+    }
+    Ok(carveouts)
 }
 
 /// Parses a decimal or `0x`-prefixed hexadecimal number, allowing surrounding whitespace.
@@ -247,6 +384,97 @@ mod tests {
         let absent = GuestEnv::default();
         assert!(matches!(
             absent.require_u64("GRACEVM_CPUS"),
+            Err(Outcome::Skip(_))
+        ));
+    }
+
+    #[test]
+    fn test_parse_carveouts_two_entries_hex_and_decimal() {
+        let carveouts = parse_carveouts(
+            " 4:0x8000000000:0x40000000:0x6772616365000004\n5:0x9000000000:1073741824:7 ",
+        )
+        .unwrap();
+        assert_eq!(
+            carveouts,
+            vec![
+                Carveout {
+                    pxm: 4,
+                    base: 0x80_0000_0000,
+                    size: 0x4000_0000,
+                    seed: 0x6772_6163_6500_0004
+                },
+                Carveout {
+                    pxm: 5,
+                    base: 0x90_0000_0000,
+                    size: 1 << 30,
+                    seed: 7
+                },
+            ]
+        );
+        assert_eq!(carveouts[0].end(), 0x80_4000_0000);
+        assert_eq!(carveouts[0].pattern_word(0x10), 0x6772_6163_6500_0014);
+        assert!(parse_carveouts("a:1:8:0,b").unwrap_err().contains("pxm"));
+        assert_eq!(parse_carveouts("  \n").unwrap(), vec![]);
+        assert_eq!(
+            parse_carveouts("4:0x0:0x8:0x0,5:0x8:0x8:0x1")
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn test_parse_carveouts_malformed_entries_error() {
+        for bad in [
+            "4:0x8000000000:0x40000000",
+            "4:0x8000000000:0x40000000:0x1:9",
+            "4:0x8000000000:0:0x1",
+            "4:0x8000000004:0x40000000:0x1",
+            "4:0x8000000000:0x40000004:0x1",
+            "4:0xffffffffffffff00:0x200:0x1",
+            "4:0x8000000000:0x40000000:0x677261636500000004",
+            "0x100000000:0x0:0x8:0x0",
+            "4:0x80zz:0x8:0x0",
+        ] {
+            assert!(parse_carveouts(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn test_carveouts_empty_or_missing_skips_malformed_fails() {
+        let empty = GuestEnv::parse("GRACEVM_CARVEOUTS=''\n");
+        assert!(matches!(empty.carveouts(), Err(Outcome::Skip(why)) if why.contains("no EGM")));
+        let missing = GuestEnv::parse("GRACEVM_MODE=test\n");
+        assert!(matches!(missing.carveouts(), Err(Outcome::Skip(_))));
+        let bad = GuestEnv::parse("GRACEVM_CARVEOUTS=4:0x1000\n");
+        assert!(matches!(bad.carveouts(), Err(Outcome::Fail(_))));
+        let good = GuestEnv::parse("GRACEVM_CARVEOUTS='4:0x8000000000:0x40000000:0x5'\n");
+        assert_eq!(good.carveouts().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn test_carveout_overlaps_half_open_ranges() {
+        let c = Carveout {
+            pxm: 4,
+            base: 0x1000,
+            size: 0x1000,
+            seed: 0,
+        };
+        assert!(c.overlaps(0x1fff, 0x3000));
+        assert!(c.overlaps(0x0, 0x1001));
+        assert!(c.overlaps(0x1800, 0x1808));
+        assert!(!c.overlaps(0x2000, 0x3000));
+        assert!(!c.overlaps(0x0, 0x1000));
+    }
+
+    #[test]
+    fn test_boot_mode_values() {
+        let mode = |text: &str| GuestEnv::parse(&format!("GRACEVM_BOOT_MODE={text}\n")).boot_mode();
+        assert_eq!(mode("acpi"), Ok(BootMode::Acpi));
+        assert_eq!(mode("DT"), Ok(BootMode::Dt));
+        assert!(matches!(mode("uefi"), Err(Outcome::Fail(_))));
+        assert!(matches!(
+            GuestEnv::default().boot_mode(),
             Err(Outcome::Skip(_))
         ));
     }

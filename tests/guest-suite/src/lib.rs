@@ -3,9 +3,12 @@
 //! Tests live in [`suites`]; each is a function from [`registry::Context`] to
 //! [`outcome::Outcome`], run in its own process by [`runner`], reported as KTAP by [`ktap`].
 //! Later suites use [`kconfig::kernel_has`] / [`kconfig::require_kernel`] to SKIP on kernels
-//! without a feature and [`env::GuestEnv`] for the VMM's expectations.
+//! without a feature and [`env::GuestEnv`] for the VMM's expectations. [`devmem`] maps guest
+//! physical memory and [`testdev`] asks the VMM what it sees there.
 
+pub mod devmem;
 pub mod env;
+pub mod firmware;
 pub mod kconfig;
 pub mod ktap;
 pub mod outcome;
@@ -13,3 +16,4 @@ pub mod procfs;
 pub mod registry;
 pub mod runner;
 pub mod suites;
+pub mod testdev;

@@ -60,15 +60,43 @@ pub fn top_level<'a>(entries: &'a [IomemEntry], name: &str) -> Vec<&'a IomemEntr
         .collect()
 }
 
+/// The entries (any depth) that share a byte with `[start, end)` (exclusive end).
+pub fn overlapping(entries: &[IomemEntry], start: u64, end: u64) -> Vec<&IomemEntry> {
+    entries
+        .iter()
+        .filter(|entry| entry.start < end && start <= entry.end)
+        .collect()
+}
+
+/// `[start-end]` of an entry, inclusive end as the kernel prints it.
+pub fn range_text(entry: &IomemEntry) -> String {
+    format!("{:#x}-{:#x}", entry.start, entry.end)
+}
+
 /// Parses a kernel cpu list (`0-3,5`; empty means no CPUs).
 pub fn parse_cpu_list(text: &str) -> Result<BTreeSet<u32>, String> {
+    parse_list(text)
+}
+
+/// Parses a kernel node list (`/sys/devices/system/node/has_memory`, same format as cpus).
+pub fn parse_node_list(text: &str) -> Result<BTreeSet<u32>, String> {
+    parse_list(text)
+}
+
+/// Formats a node set the way the kernel does (`0-1,3`).
+pub fn format_node_list(nodes: &BTreeSet<u32>) -> String {
+    format_cpu_list(nodes)
+}
+
+/// The kernel's list format (`bitmap_parselist`): ranges and singles joined by commas.
+fn parse_list(text: &str) -> Result<BTreeSet<u32>, String> {
     let mut cpus = BTreeSet::new();
     let text = text.trim();
     if text.is_empty() {
         return Ok(cpus);
     }
     for part in text.split(',') {
-        let bad = || format!("cannot parse cpu list {text:?} at {part:?}");
+        let bad = || format!("cannot parse list {text:?} at {part:?}");
         let number = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
         match part.split_once('-') {
             Some((first, last)) => {
@@ -116,6 +144,18 @@ pub fn meminfo_kib(text: &str, field: &str) -> Option<u64> {
     })
 }
 
+/// The value of a per-node meminfo field in kB (`/sys/devices/system/node/nodeN/meminfo`:
+/// `Node 0 MemTotal:  497520 kB`).
+pub fn node_meminfo_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        if key.split_whitespace().last() != Some(field) {
+            return None;
+        }
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
 /// How many `processor : N` lines /proc/cpuinfo has.
 pub fn count_processors(cpuinfo: &str) -> usize {
     cpuinfo
@@ -141,6 +181,52 @@ pub fn root_fstype(mounts: &str) -> Option<&str> {
         let fstype = fields.next()?;
         (mount_point == "/").then_some(fstype)
     })
+}
+
+/// The kernel log ring buffer (`dmesg`), through syslog(2) `SYSLOG_ACTION_READ_ALL`.
+pub fn kernel_log() -> Result<String, String> {
+    const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER takes no buffer (null, 0) and only returns a number.
+    let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    if size < 0 {
+        return Err(format!(
+            "syslog(SIZE_BUFFER): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let size = size.max(1 << 17);
+    let mut buf = vec![0u8; size as usize];
+    // SAFETY: the kernel writes at most `size` bytes into `buf`, which is that long and lives
+    // across the call.
+    let read = unsafe { libc::klogctl(SYSLOG_ACTION_READ_ALL, buf.as_mut_ptr().cast(), size) };
+    if read < 0 {
+        return Err(format!(
+            "syslog(READ_ALL): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    buf.truncate(read as usize);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The message of a kernel log line, without its `<level>` and `[ timestamp]` prefixes.
+pub fn log_message(line: &str) -> &str {
+    let mut rest = line;
+    if rest.starts_with('<') {
+        if let Some(end) = rest.find('>') {
+            rest = &rest[end + 1..];
+        }
+    }
+    let trimmed = rest.trim_start();
+    if trimmed.starts_with('[') {
+        if let Some(end) = trimmed.find(']') {
+            return trimmed[end + 1..]
+                .strip_prefix(' ')
+                .unwrap_or(&trimmed[end + 1..]);
+        }
+    }
+    rest
 }
 
 /// `bytes` with a binary unit when exact, e.g. `536870912 (512 MiB)`.
@@ -224,6 +310,50 @@ mod tests {
     }
 
     #[test]
+    fn test_overlapping_inclusive_end_half_open_query() {
+        let entries = parse_iomem(IOMEM).unwrap();
+        let names = |start, end| -> Vec<String> {
+            overlapping(&entries, start, end)
+                .iter()
+                .map(|e| format!("{}@{}", e.name, e.depth))
+                .collect()
+        };
+        assert_eq!(names(0x80_0000_0000, 0x80_4000_0000), ["System RAM@0"]);
+        assert_eq!(names(0x60_0000_0000, 0x80_0000_0000), Vec::<String>::new());
+        assert_eq!(names(0x5fff_ffff, 0x6000_0000), ["System RAM@0"]);
+        assert_eq!(names(0x6000_0000, 0x40_1000_0000), Vec::<String>::new());
+        assert_eq!(
+            names(0x4800_0000, 0x4800_0001),
+            ["System RAM@0", "reserved@1"]
+        );
+        assert_eq!(range_text(&entries[2]), "0x40000000-0x5fffffff");
+    }
+
+    #[test]
+    fn test_node_list_compares_as_sets() {
+        assert_eq!(
+            parse_node_list("0-1\n").unwrap(),
+            parse_node_list("0,1").unwrap()
+        );
+        assert_ne!(
+            parse_node_list("0").unwrap(),
+            parse_node_list("0-1").unwrap()
+        );
+        assert_eq!(format_node_list(&parse_node_list("1,0,2").unwrap()), "0-2");
+        assert!(parse_node_list("0-1 2").is_err());
+    }
+
+    #[test]
+    fn test_log_message_strips_level_and_time() {
+        assert_eq!(
+            log_message("<6>[    0.000000] efi: EFI v2.7 by gracevm"),
+            "efi: EFI v2.7 by gracevm"
+        );
+        assert_eq!(log_message("[    1.5] x"), "x");
+        assert_eq!(log_message("plain"), "plain");
+    }
+
+    #[test]
     fn test_parse_cpu_list_malformed_errors() {
         assert!(parse_cpu_list("3-1").is_err());
         assert!(parse_cpu_list("0-").is_err());
@@ -243,6 +373,9 @@ mod tests {
         let meminfo = "MemTotal:         497520 kB\nMemFree:          480000 kB\n";
         assert_eq!(meminfo_kib(meminfo, "MemTotal"), Some(497_520));
         assert_eq!(meminfo_kib(meminfo, "SwapTotal"), None);
+        let node = "Node 1 MemTotal:       1048576 kB\nNode 1 MemFree:  10 kB\n";
+        assert_eq!(node_meminfo_kib(node, "MemTotal"), Some(1_048_576));
+        assert_eq!(node_meminfo_kib(node, "MemUsed"), None);
         let cpuinfo = "processor\t: 0\nBogoMIPS\t: 125.00\n\nprocessor\t: 1\nFeatures\t: fp\n";
         assert_eq!(count_processors(cpuinfo), 2);
     }

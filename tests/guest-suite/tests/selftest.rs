@@ -82,7 +82,15 @@ fn test_list_prints_guest_test_names() {
             "userspace_reached",
             "cpus_online",
             "ram_size",
-            "kernel_config"
+            "kernel_config",
+            "acpi_in_use",
+            "dt_in_use",
+            "efi_memmap_used",
+            "numa_nodes",
+            "carveouts_hidden",
+            "testdev_probe",
+            "carveout_pattern",
+            "carveout_write_seen_by_vmm"
         ]
     );
     assert_eq!(code, Some(0));

@@ -4,11 +4,12 @@
 use crate::registry::Test;
 
 pub mod boot;
+pub mod platform;
 pub mod selftest;
 
 /// Every test of the guest suite.
 pub fn all() -> Vec<Test> {
-    [boot::TESTS].concat()
+    [boot::TESTS, platform::TESTS].concat()
 }
 
 /// The harness self-tests (`--selftest`).

@@ -1,0 +1,350 @@
+//! The guest side of gracevm's test device (platform/src/devices/testdev.rs): a 4 KiB page of
+//! 32-bit registers through which a test asks the VMM what *it* sees in guest memory, so a
+//! test checks both sides ("the guest wrote X at offset O and it landed at carve-out offset
+//! O").
+//!
+//! | Offset | Register            | Use here                                               |
+//! |--------|---------------------|--------------------------------------------------------|
+//! | 0x000  | BOOT                | reads 1 once /init's boot-timer write was recorded     |
+//! | 0x004  | ID                  | [`DEVICE_ID`]: the device is there                     |
+//! | 0x008  | ADDR_LO / ADDR_HI   | guest physical address of a probe (8-byte aligned)     |
+//! | 0x010  | LEN_LO / LEN_HI     | probe length in bytes (multiple of 8)                  |
+//! | 0x018  | VAL_LO / VAL_HI     | CHECK_VALUE operand; PEEK result                       |
+//! | 0x020  | CMD                 | 1 PEEK, 2 CHECK_PATTERN, 3 CHECK_VALUE                 |
+//! | 0x024  | STATUS              | 0 ok, 1 mismatch, 2 outside, 3 bad request, !0 none    |
+//! | 0x028  | WHERE_LO / WHERE_HI | offset from ADDR of the first mismatch                 |
+//!
+//! Only 4-byte accesses are decoded. A command runs while the CMD write traps, so STATUS is
+//! final when the write returns. A VM without probe regions ignores probe writes and reads
+//! them as 0 (which would look like STATUS ok): every command first reads ADDR back to make
+//! sure the probe is live.
+
+use std::fmt;
+
+use crate::devmem::{Access, PhysMap};
+use crate::env::{GuestEnv, ENV_PATH, TESTDEV};
+use crate::outcome::Outcome;
+
+/// Value of the ID register.
+pub const DEVICE_ID: u32 = 0x6772_766d;
+/// Size of the register page.
+pub const PAGE_LEN: usize = 0x1000;
+
+const BOOT: usize = 0x000;
+const ID: usize = 0x004;
+const ADDR: usize = 0x008;
+const LEN: usize = 0x010;
+const VAL: usize = 0x018;
+const CMD: usize = 0x020;
+const STATUS: usize = 0x024;
+const WHERE: usize = 0x028;
+
+/// A probe command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmd {
+    /// VAL = the u64 at ADDR.
+    Peek = 1,
+    /// Every u64 in [ADDR, ADDR+LEN) still holds its region's boot pattern (`seed ^ offset`).
+    CheckPattern = 2,
+    /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
+    CheckValue = 3,
+}
+
+/// What the VMM answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// The first differing u64 is `at` bytes from ADDR.
+    Mismatch {
+        at: u64,
+    },
+    /// The range is not inside one probe region (or not backed).
+    Outside,
+    /// Unaligned address, bad length or unknown command.
+    BadRequest,
+    /// No command has run yet.
+    None,
+    Unknown(u32),
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Status::Ok => f.write_str("OK"),
+            Status::Mismatch { at } => write!(f, "MISMATCH at +{at:#x}"),
+            Status::Outside => f.write_str("OUTSIDE"),
+            Status::BadRequest => f.write_str("BAD_REQUEST"),
+            Status::None => f.write_str("NONE (no command ran)"),
+            Status::Unknown(raw) => write!(f, "unknown status {raw:#x}"),
+        }
+    }
+}
+
+/// 32-bit register access (the /dev/mem page, or a model in unit tests).
+pub trait Registers {
+    fn read32(&self, offset: usize) -> u32;
+    fn write32(&self, offset: usize, value: u32);
+}
+
+impl Registers for PhysMap {
+    fn read32(&self, offset: usize) -> u32 {
+        self.read_u32(offset)
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        self.write_u32(offset, value)
+    }
+}
+
+/// The test device.
+#[derive(Debug)]
+pub struct TestDev<R = PhysMap> {
+    regs: R,
+    base: u64,
+}
+
+impl TestDev<PhysMap> {
+    /// Maps the device page at guest physical `base` and checks its ID.
+    pub fn open(base: u64) -> Result<TestDev, String> {
+        let regs = PhysMap::new(base, PAGE_LEN, Access::ReadWrite)?;
+        TestDev::with_registers(regs, base)
+    }
+
+    /// The device at `GRACEVM_TESTDEV`: `Skip` when the key is missing, `Fail` when malformed
+    /// or when no test device answers there.
+    pub fn from_env(env: &GuestEnv) -> Result<TestDev, Outcome> {
+        let base = env.require_u64(TESTDEV)?;
+        TestDev::open(base)
+            .map_err(|why| Outcome::fail(format!("{TESTDEV}={base:#x} in {ENV_PATH}: {why}")))
+    }
+}
+
+impl<R: Registers> TestDev<R> {
+    /// A device behind `regs` at `base`, after checking its ID register.
+    pub fn with_registers(regs: R, base: u64) -> Result<TestDev<R>, String> {
+        let id = regs.read32(ID);
+        if id != DEVICE_ID {
+            return Err(format!(
+                "no gracevm test device at {base:#x}: ID reads {id:#x}, expected {DEVICE_ID:#x}"
+            ));
+        }
+        Ok(TestDev { regs, base })
+    }
+
+    /// Guest physical address of the register page.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Whether the VMM recorded the boot time (BOOT reads 1 after /init's boot-timer write).
+    pub fn boot_recorded(&self) -> bool {
+        self.regs.read32(BOOT) == 1
+    }
+
+    fn write64(&self, offset: usize, value: u64) {
+        self.regs.write32(offset, value as u32);
+        self.regs.write32(offset + 4, (value >> 32) as u32);
+    }
+
+    fn read64(&self, offset: usize) -> u64 {
+        u64::from(self.regs.read32(offset)) | (u64::from(self.regs.read32(offset + 4)) << 32)
+    }
+
+    /// Runs `cmd` over `[addr, addr + len)` (`value`: CHECK_VALUE's operand). `Err` when the
+    /// probe registers are not live (a VM without probe regions).
+    pub fn command(&self, cmd: Cmd, addr: u64, len: u64, value: u64) -> Result<Status, String> {
+        self.write64(ADDR, addr);
+        self.write64(LEN, len);
+        self.write64(VAL, value);
+        let echoed = self.read64(ADDR);
+        if echoed != addr {
+            return Err(format!(
+                "test device at {:#x} ignores its probe registers (ADDR reads {echoed:#x} \
+                 after writing {addr:#x}): the VMM has no probe regions",
+                self.base
+            ));
+        }
+        self.regs.write32(CMD, cmd as u32);
+        Ok(match self.regs.read32(STATUS) {
+            0 => Status::Ok,
+            1 => Status::Mismatch {
+                at: self.read64(WHERE),
+            },
+            2 => Status::Outside,
+            3 => Status::BadRequest,
+            0xffff_ffff => Status::None,
+            raw => Status::Unknown(raw),
+        })
+    }
+
+    /// The u64 the VMM sees at guest physical `gpa` (8-byte aligned).
+    pub fn peek(&self, gpa: u64) -> Result<u64, String> {
+        match self.command(Cmd::Peek, gpa, 8, 0)? {
+            Status::Ok => Ok(self.read64(VAL)),
+            status => Err(format!("PEEK {gpa:#x}: {status}")),
+        }
+    }
+
+    /// Whether `[gpa, gpa + len)` still holds its region's boot pattern, as the VMM sees it.
+    pub fn check_pattern(&self, gpa: u64, len: u64) -> Result<Status, String> {
+        self.command(Cmd::CheckPattern, gpa, len, 0)
+    }
+
+    /// Whether every u64 of `[gpa, gpa + len)` equals `value`, as the VMM sees it.
+    pub fn check_value(&self, gpa: u64, len: u64, value: u64) -> Result<Status, String> {
+        self.command(Cmd::CheckValue, gpa, len, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A model of the VMM device over one region of u64 words filled with `seed ^ offset`.
+    struct Model {
+        regs: RefCell<[u32; 12]>,
+        probe: bool,
+        region_base: u64,
+        words: RefCell<Vec<u64>>,
+        seed: u64,
+    }
+
+    impl Model {
+        fn new(probe: bool) -> Model {
+            let seed = 0x6772_6163_6500_0004;
+            let mut regs = [0; 12];
+            regs[STATUS / 4] = 0xffff_ffff;
+            Model {
+                regs: RefCell::new(regs),
+                probe,
+                region_base: 0x80_0000_0000,
+                words: RefCell::new((0..512u64).map(|i| seed ^ (i * 8)).collect()),
+                seed,
+            }
+        }
+
+        fn get64(&self, offset: usize) -> u64 {
+            let regs = self.regs.borrow();
+            u64::from(regs[offset / 4]) | (u64::from(regs[offset / 4 + 1]) << 32)
+        }
+
+        fn set64(&self, offset: usize, value: u64) {
+            let mut regs = self.regs.borrow_mut();
+            regs[offset / 4] = value as u32;
+            regs[offset / 4 + 1] = (value >> 32) as u32;
+        }
+
+        fn run(&self, cmd: u32) -> u32 {
+            let addr = self.get64(ADDR);
+            let len = if cmd == 1 { 8 } else { self.get64(LEN) };
+            if !(1..=3).contains(&cmd) || addr % 8 != 0 || len == 0 || len % 8 != 0 {
+                return 3;
+            }
+            let size = self.words.borrow().len() as u64 * 8;
+            if addr < self.region_base || addr + len > self.region_base + size {
+                return 2;
+            }
+            let words = self.words.borrow();
+            for at in (0..len).step_by(8) {
+                let offset = addr - self.region_base + at;
+                let got = words[(offset / 8) as usize];
+                let want = match cmd {
+                    1 => {
+                        self.set64(VAL, got);
+                        return 0;
+                    }
+                    2 => self.seed ^ offset,
+                    _ => self.get64(VAL),
+                };
+                if got != want {
+                    self.set64(WHERE, at);
+                    return 1;
+                }
+            }
+            0
+        }
+    }
+
+    impl Registers for Model {
+        fn read32(&self, offset: usize) -> u32 {
+            match offset {
+                ID => DEVICE_ID,
+                CMD => 0,
+                _ if !self.probe => 0,
+                _ => self.regs.borrow()[offset / 4],
+            }
+        }
+
+        fn write32(&self, offset: usize, value: u32) {
+            if !self.probe {
+                return;
+            }
+            match offset {
+                CMD => {
+                    let status = self.run(value);
+                    self.regs.borrow_mut()[STATUS / 4] = status;
+                }
+                STATUS | WHERE => {}
+                _ if offset + 4 == WHERE + 8 => {}
+                _ => self.regs.borrow_mut()[offset / 4] = value,
+            }
+        }
+    }
+
+    #[test]
+    fn test_check_pattern_intact_region_ok() {
+        let dev = TestDev::with_registers(Model::new(true), 0x901_0000).unwrap();
+        assert_eq!(dev.check_pattern(0x80_0000_0000, 4096), Ok(Status::Ok));
+    }
+
+    #[test]
+    fn test_peek_and_mismatch_after_guest_write_reports_offset() {
+        let model = Model::new(true);
+        model.words.borrow_mut()[100] = 0x1234;
+        let dev = TestDev::with_registers(model, 0x901_0000).unwrap();
+        assert_eq!(dev.peek(0x80_0000_0000 + 800), Ok(0x1234));
+        assert_eq!(
+            dev.check_pattern(0x80_0000_0000 + 512, 1024),
+            Ok(Status::Mismatch { at: 288 })
+        );
+        assert_eq!(
+            dev.check_value(0x80_0000_0000 + 800, 8, 0x1234),
+            Ok(Status::Ok)
+        );
+        assert_eq!(
+            dev.check_value(0x80_0000_0000 + 792, 16, 0x1234),
+            Ok(Status::Mismatch { at: 0 })
+        );
+    }
+
+    #[test]
+    fn test_outside_and_bad_requests_decoded() {
+        let dev = TestDev::with_registers(Model::new(true), 0x901_0000).unwrap();
+        assert_eq!(dev.check_pattern(0x4000_0000, 8), Ok(Status::Outside));
+        assert_eq!(dev.check_pattern(0x80_0000_0004, 8), Ok(Status::BadRequest));
+        assert_eq!(dev.check_pattern(0x80_0000_0000, 0), Ok(Status::BadRequest));
+        assert!(dev.peek(0x4000_0000).unwrap_err().contains("OUTSIDE"));
+    }
+
+    #[test]
+    fn test_device_without_probe_is_an_error_not_ok() {
+        let dev = TestDev::with_registers(Model::new(false), 0x901_0000).unwrap();
+        let err = dev.check_pattern(0x80_0000_0000, 8).unwrap_err();
+        assert!(err.contains("no probe regions"), "{err}");
+    }
+
+    #[test]
+    fn test_wrong_id_is_not_a_test_device() {
+        #[derive(Debug)]
+        struct Rtc;
+        impl Registers for Rtc {
+            fn read32(&self, _offset: usize) -> u32 {
+                0x0014_1031
+            }
+            fn write32(&self, _offset: usize, _value: u32) {}
+        }
+        let err = TestDev::with_registers(Rtc, 0x901_0000).unwrap_err();
+        assert!(err.contains("ID reads 0x141031"), "{err}");
+    }
+}
