@@ -3,6 +3,7 @@
 #   make test            host tests, then boot the guest and run the in-guest suite (KTAP)
 #   make run [CMD=...]   boot the default platform to a shell (or run CMD and power off)
 #   make bench           boot-to-userspace: gracevm vs qemu-system-aarch64 TCG
+#   make fuzz            fuzz the device models (FUZZ_SECONDS per target, default 600)
 #   make kernel          build the guest kernel (Debian linux-source, or KSRC=/path/to/linux)
 #
 # Everything downloaded or built outside cargo goes to $(CACHE), never into the tree.
@@ -21,6 +22,8 @@ CPUS    ?= 2
 MEMORY  ?= 1G
 TIMEOUT ?= 300
 ARGS    ?=
+FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_SECONDS ?= 600
 
 HOST_ARCH := $(shell uname -m)
 TARGET    := aarch64-unknown-linux-gnu
@@ -60,10 +63,10 @@ export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
 
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 
-.PHONY: help deps kernel default-kernel initramfs vmm lint host-test e2e test run bench clean
+.PHONY: help deps kernel default-kernel initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
 
 # --- host packages ------------------------------------------------------------------------
 ifeq ($(HOST_ARCH),aarch64)
@@ -137,7 +140,16 @@ e2e: kernel initramfs
 	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status
 
-test: host-test e2e
+# Device models driven by byte streams (ECAM, GPU BAR0, PL011): a short run in every test,
+# a long one on demand.
+fuzz-smoke: deps
+	@echo "[test] fuzzing the device models, $(FUZZ_SMOKE_SECONDS) s per target"
+	@platform/fuzz/run.sh $(FUZZ_SMOKE_SECONDS)
+
+fuzz: deps
+	@platform/fuzz/run.sh $(FUZZ_SECONDS)
+
+test: host-test fuzz-smoke e2e
 
 run: kernel initramfs
 	@$(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)

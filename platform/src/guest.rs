@@ -22,9 +22,14 @@ pub enum Mode {
 }
 
 /// Kernel command line: a quiet console (every console byte is a trapped MMIO write, slow when
-/// nested), reboot at once on panic so a panic ends the run, then the user's additions.
+/// nested), reboot at once on panic so a panic ends the run, vfio without an IOMMU (the GPU
+/// function is bound to vfio like on a real host), the EFI memory map in the kernel log (the
+/// suite compares it with /proc/iomem; `quiet` keeps it off the console), then the user's
+/// additions.
 pub fn cmdline(extra: &str) -> String {
-    let mut c = String::from("console=ttyAMA0 quiet panic=-1 rdinit=/init");
+    let mut c = String::from(
+        "console=ttyAMA0 quiet panic=-1 rdinit=/init vfio.enable_unsafe_noiommu_mode=1 efi=debug",
+    );
     if !extra.trim().is_empty() {
         c.push(' ');
         c.push_str(extra.trim());
@@ -67,7 +72,44 @@ pub fn env_file(platform: &Platform, mode: &Mode) -> String {
         })
         .collect();
     put("CARVEOUTS", shell_quote(&carve_outs.join(" ")));
+    let gpus: Vec<String> = map
+        .gpus
+        .iter()
+        .map(|g| gpu_entry(platform, &map, g))
+        .collect();
+    put("GPUS", shell_quote(&gpus.join(" ")));
     env
+}
+
+/// One GPU for the suite: where it is, what it is, and exactly the `nvidia,*` properties its
+/// firmware node carries (fault knobs applied), so the suite can apply the driver's rules:
+/// `bdf=0000:00:01.0;id=10de:2941;style=blackwell;readiness=ready;mem=0xd000000000+0x40000000;
+/// props=gpu-mem-base-pa:0xd000000000,gpu-mem-size:0x40000000,...`
+fn gpu_entry(platform: &Platform, map: &firmware::MemoryMap, g: &firmware::GpuFunction) -> String {
+    let style = if crate::board::gpu_config(g).blackwell_dvsec {
+        "blackwell"
+    } else {
+        "hopper"
+    };
+    let readiness = match g.readiness {
+        firmware::Readiness::Ready => "ready".to_string(),
+        firmware::Readiness::DelayMs(ms) => format!("delay:{ms}"),
+        firmware::Readiness::Never => "never".to_string(),
+    };
+    let props: Vec<String> = firmware::gpu_properties(platform, map, g)
+        .into_iter()
+        .map(|(name, v)| format!("{}:{v:#x}", name.trim_start_matches("nvidia,")))
+        .collect();
+    format!(
+        "bdf=0000:00:{:02x}.{};id={:04x}:{:04x};style={style};readiness={readiness};mem={:#x}+{:#x};props={}",
+        g.device,
+        g.function,
+        g.vendor_id,
+        g.device_id,
+        g.memory.base,
+        g.memory.size,
+        props.join(",")
+    )
 }
 
 /// The seed of a carve-out's boot pattern ("GRACE" and the PXM), see `testdev::pattern_word`.
@@ -123,11 +165,31 @@ mod tests {
             env.contains("GRACEVM_CARVEOUTS='4:0x8000000000:0x40000000:0x4752414345000004'\n"),
             "{env}"
         );
+        // ... and one GB200 at 00:01.0 with all six properties.
+        let gpus = env
+            .lines()
+            .find(|l| l.starts_with("GRACEVM_GPUS="))
+            .unwrap();
+        assert!(
+            gpus.contains("bdf=0000:00:01.0;id=10de:2941;style=blackwell;readiness=ready;"),
+            "{gpus}"
+        );
+        for p in [
+            "gpu-mem-base-pa:",
+            "gpu-mem-size:0x40000000",
+            "egm-pxm:0x4",
+            "egm-base-pa:0x8000000000",
+            "egm-size:0x40000000",
+            "egm-retired-pages-data-base:",
+        ] {
+            assert!(gpus.contains(p), "{p} missing in {gpus}");
+        }
     }
 
     #[test]
     fn test_cmdline_appends_user_args() {
-        assert_eq!(cmdline(""), "console=ttyAMA0 quiet panic=-1 rdinit=/init");
-        assert!(cmdline(" loglevel=7 ").ends_with(" rdinit=/init loglevel=7"));
+        assert!(cmdline("").starts_with("console=ttyAMA0 quiet panic=-1 rdinit=/init"));
+        assert!(cmdline("").contains(" vfio.enable_unsafe_noiommu_mode=1"));
+        assert!(cmdline(" loglevel=7 ").ends_with(" efi=debug loglevel=7"));
     }
 }

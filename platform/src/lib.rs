@@ -1,6 +1,7 @@
 //! gracevm as a library: the device models (fuzzable without a VM), the harness, the nested
 //! route, and (on aarch64) the KVM machine. The `gracevm` binary is the CLI over it.
 
+pub mod board;
 pub mod devices;
 pub mod escape;
 pub mod exit;

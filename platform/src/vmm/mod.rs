@@ -36,8 +36,8 @@ use firmware::BootParams;
 use crate::devices::pl011::Pl011;
 use crate::devices::testdev::{pattern_word, MemoryProbe, ProbeRegion, TestDev};
 use crate::devices::{IrqLine, MmioBus};
-use crate::guest;
 use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
+use crate::{board, guest};
 
 /// What ends a run, as reported by vCPU threads and the console watcher.
 #[derive(Debug)]
@@ -212,6 +212,12 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let mut bus = MmioBus::new();
     bus.insert(layout::UART_BASE, layout::UART_SIZE, uart.clone())?;
     bus.insert(layout::TESTDEV_BASE, layout::TESTDEV_SIZE, testdev.clone())?;
+    let pci = board::pci_host(&map)?;
+    if let Some(host) = &pci {
+        for w in host.mmio_windows() {
+            bus.insert(w.base, w.len, w.device)?;
+        }
+    }
     let bus = Arc::new(bus);
 
     // vCPU threads are stopped by a flag plus a signal that knocks them out of KVM_RUN.

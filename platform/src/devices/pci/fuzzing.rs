@@ -71,7 +71,7 @@ pub struct RunStats {
 /// an access at a window's end (`op & 0x10` = write). `op & 8` makes the address structured:
 /// ECAM accesses go to device `(addr >> 16) & 3` (0 and 1 exist), register `addr & 0xFFF`;
 /// window accesses go to device `addr >> 31`'s current BAR0 address plus, with `op & 0x40`,
-/// a readiness register (or neighbour, see [`status_offset`]), else `addr & 0xFF_FFFF`.
+/// a readiness register (or a neighbour), else `addr & 0xFF_FFFF`.
 /// Otherwise `addr` is an offset into the window.
 pub struct EcamHarness {
     host: PciHost,

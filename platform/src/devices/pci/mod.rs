@@ -17,7 +17,7 @@
 //! The GPU's memory aperture is not a BAR: the VMM maps it as its own memslot.
 //!
 //! Guest input never panics the models: bad config or BAR accesses are logged through a
-//! [`WarnLimiter`](super::WarnLimiter) and ignored. [`fuzzing`] drives them from byte streams
+//! `WarnLimiter` and ignored. [`fuzzing`] drives them from byte streams
 //! (the cargo-fuzz targets in `platform/fuzz/` and the 100k-step unit tests).
 
 pub mod bridge;
