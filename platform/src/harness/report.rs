@@ -187,8 +187,90 @@ impl Summary {
             .with_context(|| format!("writing {}/results.json", dir.display()))?;
         std::fs::write(dir.join("results.ktap"), self.ktap())
             .with_context(|| format!("writing {}/results.ktap", dir.display()))?;
+        std::fs::write(dir.join("junit.xml"), self.junit())
+            .with_context(|| format!("writing {}/junit.xml", dir.display()))?;
         Ok(())
     }
+
+    /// JUnit XML for CI systems: a testsuite per scenario. XFAIL (a known deviation) is
+    /// reported as skipped with its reason, so it neither fails the build nor passes silently.
+    pub fn junit(&self) -> String {
+        let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        let c = &self.counts;
+        x += &format!(
+            "<testsuites name=\"gracevm\" tests=\"{}\" failures=\"{}\" skipped=\"{}\">\n",
+            c.pass + c.fail + c.skip + c.xfail,
+            c.fail,
+            c.skip + c.xfail
+        );
+        for s in &self.scenarios {
+            let c = &s.counts;
+            x += &format!(
+                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" skipped=\"{}\" time=\"{:.3}\">\n",
+                xml(&s.name),
+                s.tests.len(),
+                c.fail,
+                c.skip + c.xfail,
+                s.wall_ms / 1e3
+            );
+            for t in &s.tests {
+                let reason = t.reason.as_deref().unwrap_or("");
+                x += &format!(
+                    "    <testcase classname=\"{}\" name=\"{}\"",
+                    xml(&s.name),
+                    xml(&t.name)
+                );
+                let detail = t.diagnostics.join("\n");
+                match t.result {
+                    Verdict::Pass if detail.is_empty() => x += "/>\n",
+                    Verdict::Pass => {
+                        x += &format!(
+                            ">\n      <system-out>{}</system-out>\n    </testcase>\n",
+                            xml(&detail)
+                        )
+                    }
+                    Verdict::Fail => {
+                        x += &format!(
+                            ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>\n",
+                            xml(reason),
+                            xml(&detail)
+                        )
+                    }
+                    Verdict::Skip => {
+                        x += &format!(
+                            ">\n      <skipped message=\"{}\"/>\n    </testcase>\n",
+                            xml(reason)
+                        )
+                    }
+                    Verdict::Xfail => x += &format!(
+                        ">\n      <skipped message=\"expected failure: {}\"/>\n    </testcase>\n",
+                        xml(reason)
+                    ),
+                }
+            }
+            x += "  </testsuite>\n";
+        }
+        x += "</testsuites>\n";
+        x
+    }
+}
+
+/// Escape text for XML attributes and content.
+fn xml(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            // Characters XML 1.0 cannot carry at all (console garbage) become U+FFFD.
+            c if (c as u32) < 0x20 && !matches!(c, '\n' | '\t' | '\r') => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -284,6 +366,29 @@ mod tests {
             evaluate("d", &run(GuestEnd::Reset, true), &g, None).status,
             Status::Fail
         );
+    }
+
+    #[test]
+    fn test_junit_counts_and_escaping() {
+        let g = guest("KTAP version 1\n1..3\n# got <1> & \"2\"\nnot ok 1 a\nok 2 b # SKIP no driver\nnot ok 3 c # TODO review point");
+        let sum = Summary::new(vec![evaluate(
+            "s<1>",
+            &run(GuestEnd::PowerOff, true),
+            &g,
+            None,
+        )]);
+        let x = sum.junit();
+        assert!(
+            x.contains("<testsuite name=\"s&lt;1&gt;\" tests=\"5\" failures=\"1\" skipped=\"2\""),
+            "{x}"
+        );
+        assert!(x.contains("got &lt;1&gt; &amp; &quot;2&quot;"), "{x}");
+        assert!(x.contains("<skipped message=\"no driver\"/>"), "{x}");
+        assert!(
+            x.contains("<skipped message=\"expected failure: review point\"/>"),
+            "{x}"
+        );
+        assert_eq!(xml("a\u{1}b"), "a\u{fffd}b");
     }
 
     #[test]

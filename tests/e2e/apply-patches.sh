@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Host test of guest-kernel/apply-patches.sh on a tiny synthetic tree: a clean patch, a patch
+# that needs fuzz (git am refuses it, patch -p1 takes it), a cover letter to skip, and a
+# series that cannot apply (must fail naming the patch, leaving the source untouched).
+# Prints KTAP; exits 1 on a failed check.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+apply="$here/../../guest-kernel/apply-patches.sh"
+t=$(mktemp -d)
+trap 'rm -rf "$t"' EXIT
+n=0
+failed=0
+ok() { n=$((n + 1)); echo "ok $n $1"; }
+bad() { n=$((n + 1)); failed=$((failed + 1)); echo "# $2"; echo "not ok $n $1"; }
+
+mkpatch() { # mkpatch FILE SUBJECT DIFF
+    printf 'From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\nFrom: Dev <dev@example.org>\nDate: Mon, 23 Feb 2026 15:55:14 +0000\nSubject: %s\n\n---\n%s\n' "$2" "$3" > "$1"
+}
+
+mkdir -p "$t/src/drivers"
+printf 'one\ntwo\nthree\nfour\nfive\nsix\nseven\n' > "$t/src/drivers/a.c"
+cp -a "$t/src" "$t/pristine"
+mkdir -p "$t/series" "$t/broken"
+printf 'From 0 Mon Sep 17 00:00:00 2001\nFrom: Dev <dev@example.org>\nSubject: [PATCH 0/2] cover\n\nno diff here\n' > "$t/series/0000-cover.patch"
+mkpatch "$t/series/0001-clean.patch" "[PATCH 1/2] clean" "diff --git a/drivers/a.c b/drivers/a.c
+--- a/drivers/a.c
++++ b/drivers/a.c
+@@ -1,3 +1,4 @@
+ one
++one-and-a-half
+ two
+ three"
+# Context line 'FIVE' does not match 'five': git am refuses, patch applies with fuzz 1.
+mkpatch "$t/series/0002-fuzzy.patch" "[PATCH 2/2] fuzzy" "diff --git a/drivers/a.c b/drivers/a.c
+--- a/drivers/a.c
++++ b/drivers/a.c
+@@ -5,4 +5,5 @@
+ four
+ FIVE
+ six
++six-and-a-half
+ seven"
+mkpatch "$t/broken/0001-impossible.patch" "[PATCH] impossible" "diff --git a/drivers/b.c b/drivers/b.c
+--- a/drivers/b.c
++++ b/drivers/b.c
+@@ -1,2 +1,3 @@
+ nothing
++like
+ this"
+
+echo "KTAP version 1"
+echo "1..5"
+if "$apply" "$t/src" "$t/series" "$t/out" > "$t/log" 2>&1; then ok applies_series; else bad applies_series "$(cat "$t/log")"; fi
+if grep -qx 'one-and-a-half' "$t/out/drivers/a.c" && grep -qx 'six-and-a-half' "$t/out/drivers/a.c"; then
+    ok both_hunks_present
+else
+    bad both_hunks_present "result: $(tr '\n' ' ' < "$t/out/drivers/a.c")"
+fi
+if grep -q 'applied with fuzz.*fuzzy' "$t/log" && [ "$(git -C "$t/out" rev-list --count HEAD 2>/dev/null)" = 3 ]; then
+    ok fuzz_reported_and_committed
+else
+    bad fuzz_reported_and_committed "$(cat "$t/log")"
+fi
+if "$apply" "$t/src" "$t/broken" "$t/out2" > "$t/log2" 2>&1; then
+    bad broken_series_fails "a series that cannot apply was accepted"
+elif grep -q "impossible' does not apply" "$t/log2"; then
+    ok broken_series_fails
+else
+    bad broken_series_fails "no message naming the patch: $(cat "$t/log2")"
+fi
+if diff -r "$t/src" "$t/pristine" > /dev/null; then ok source_untouched; else bad source_untouched "the source tree was modified"; fi
+echo "# $((n - failed)) passed, $failed failed"
+[ "$failed" -eq 0 ]
