@@ -220,32 +220,23 @@ impl Summary {
                     xml(&s.name),
                     xml(&t.name)
                 );
-                let detail = t.diagnostics.join("\n");
-                match t.result {
-                    Verdict::Pass if detail.is_empty() => x += "/>\n",
-                    Verdict::Pass => {
-                        x += &format!(
-                            ">\n      <system-out>{}</system-out>\n    </testcase>\n",
-                            xml(&detail)
-                        )
-                    }
-                    Verdict::Fail => {
-                        x += &format!(
-                            ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>\n",
-                            xml(reason),
-                            xml(&detail)
-                        )
-                    }
-                    Verdict::Skip => {
-                        x += &format!(
-                            ">\n      <skipped message=\"{}\"/>\n    </testcase>\n",
-                            xml(reason)
-                        )
-                    }
-                    Verdict::Xfail => x += &format!(
-                        ">\n      <skipped message=\"expected failure: {}\"/>\n    </testcase>\n",
+                let detail = xml(&t.diagnostics.join("\n"));
+                let body = match t.result {
+                    Verdict::Pass if detail.is_empty() => None,
+                    Verdict::Pass => Some(format!("<system-out>{detail}</system-out>")),
+                    Verdict::Fail => Some(format!(
+                        "<failure message=\"{}\">{detail}</failure>",
                         xml(reason)
-                    ),
+                    )),
+                    Verdict::Skip => Some(format!("<skipped message=\"{}\"/>", xml(reason))),
+                    Verdict::Xfail => Some(format!(
+                        "<skipped message=\"expected failure: {}\"/>",
+                        xml(reason)
+                    )),
+                };
+                match body {
+                    None => x += "/>\n",
+                    Some(b) => x += &format!(">\n      {b}\n    </testcase>\n"),
                 }
             }
             x += "  </testsuite>\n";
