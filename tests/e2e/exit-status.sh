@@ -8,13 +8,16 @@ set -u
 gracevm=${1:?usage: exit-status.sh GRACEVM OUTDIR}
 out=${2:?usage: exit-status.sh GRACEVM OUTDIR}
 mkdir -p "$out"
+# A private TMPDIR: the stage directories (and so the qemu command lines) of the runs under
+# test carry it, which tells their processes apart from any other gracevm on the machine.
+export TMPDIR="$(cd "$out" && pwd)/tmp"
+mkdir -p "$TMPDIR"
 n=0
 failed=0
 total=5
 
 leftovers() {
-    # Our qemu instances are the ones sharing a gracevm stage directory.
-    pgrep -af 'gracevm-stage' | grep -v pgrep || true
+    pgrep -af "$TMPDIR/gracevm-stage" | grep -v pgrep || true
 }
 
 # check NAME WANT_STATUS MAX_SECONDS -- command...
