@@ -483,6 +483,7 @@ mod tests {
                 size: Size(2 * GIB),
                 pxm: None,
                 retired_pages: vec![],
+                retired_pages_count: None,
             }),
         });
         p.gpus.push(Gpu::new(GpuModel::Gb200, 0, GIB));

@@ -12,6 +12,7 @@
 //! base = "0x8000000000"      # default: layout::egm_default_base(socket)
 //! pxm = 4                    # default: 4 + socket index, as on real Grace
 //! retired_pages = ["0x8000001000"]   # inside the carve-out, 4 KiB aligned, at most 4096
+//! # retired_pages_count = 512        # or: this many pages spread through the carve-out
 //!
 //! [[gpu]]
 //! model = "gb200"            # gh200-120gb, gh200-480gb, gh200, gb200, gb300; or device_id = 0x2941
@@ -179,6 +180,10 @@ pub struct EgmRegion {
     /// Physical addresses of retired pages, written to the retired-pages table.
     #[serde(default)]
     pub retired_pages: Vec<Addr>,
+    /// Instead of listing them: this many retired pages spread evenly through the carve-out
+    /// (for table-size scenarios such as 511/512/513 entries).
+    #[serde(default)]
+    pub retired_pages_count: Option<usize>,
 }
 
 /// The GPU models the nvgrace-gpu driver knows, by PCI device id.
@@ -365,6 +370,7 @@ impl Default for Platform {
             size: Size(GIB),
             pxm: None,
             retired_pages: Vec::new(),
+            retired_pages_count: None,
         });
         p.gpus.push(Gpu::new(GpuModel::Gb200, 0, GIB));
         p
@@ -390,15 +396,49 @@ impl Platform {
 
     /// Parse and validate a TOML description; `origin` names it in error messages.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, Error> {
-        let p: Platform = toml::from_str(text).map_err(|e| Error::Description {
+        let mut p: Platform = toml::from_str(text).map_err(|e| Error::Description {
             origin: origin.to_string(),
             msg: e.to_string(),
+        })?;
+        p.expand_retired_pages().map_err(|msg| Error::Description {
+            origin: origin.to_string(),
+            msg,
         })?;
         p.validate().map_err(|msg| Error::Description {
             origin: origin.to_string(),
             msg,
         })?;
         Ok(p)
+    }
+
+    /// Turn each `retired_pages_count = N` into N page addresses spread evenly through the
+    /// carve-out (the first page is left alone), so validation sees the real list.
+    fn expand_retired_pages(&mut self) -> Result<(), String> {
+        for (i, socket) in self.sockets.iter_mut().enumerate() {
+            let Some(egm) = socket.egm.as_mut() else {
+                continue;
+            };
+            let Some(count) = egm.retired_pages_count else {
+                continue;
+            };
+            if !egm.retired_pages.is_empty() {
+                return Err(format!(
+                    "socket {i} egm: give retired_pages or retired_pages_count, not both"
+                ));
+            }
+            let pages = egm.size.0 / (4 * KIB);
+            if count as u64 >= pages {
+                return Err(format!(
+                    "socket {i} egm retired_pages_count = {count}: the carve-out has only {pages} pages"
+                ));
+            }
+            let base = egm.base.map_or(layout::egm_default_base(i), |a| a.0);
+            let stride = (egm.size.0 / (count as u64 + 1)) & !(4 * KIB - 1);
+            egm.retired_pages = (1..=count as u64)
+                .map(|k| Addr(base + k * stride))
+                .collect();
+        }
+        Ok(())
     }
 
     /// RAM of socket 0, the socket that holds the boot images.
@@ -797,6 +837,32 @@ mod tests {
         );
         let e = err("[[gpu]]\nmem_size = \"1G\"\npxm = 0");
         assert!(e.contains("pxm 0") && e.contains("gpu 0"), "{e}");
+    }
+
+    #[test]
+    fn test_description_retired_pages_count_expands_inside_carve_out() {
+        let p = Platform::from_toml(
+            "[[socket]]\nram = \"1G\"\n[socket.egm]\nsize = \"1G\"\nretired_pages_count = 513",
+            "t",
+        )
+        .unwrap();
+        let map = p.memory_map();
+        let c = &map.carve_outs[0];
+        assert_eq!(c.retired_pages.len(), 513);
+        let mut seen = std::collections::BTreeSet::new();
+        for &a in &c.retired_pages {
+            assert!(
+                c.range.contains(a) && a != c.range.base && a % (4 * KIB) == 0,
+                "{a:#x}"
+            );
+            assert!(seen.insert(a), "duplicate {a:#x}");
+        }
+        let e = err(
+            "[[socket]]\nram = \"1G\"\n[socket.egm]\nsize = \"1G\"\nretired_pages_count = 4097",
+        );
+        assert!(e.contains("4097 entries"), "{e}");
+        let e = err("[[socket]]\nram = \"1G\"\n[socket.egm]\nsize = \"1G\"\nretired_pages_count = 1\nretired_pages = [\"0x8000001000\"]");
+        assert!(e.contains("not both"), "{e}");
     }
 
     #[test]

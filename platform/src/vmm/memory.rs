@@ -39,3 +39,24 @@ pub fn create(vm: &VmFd, ranges: &[(u64, u64)]) -> Result<GuestMemory> {
     }
     Ok(mem)
 }
+
+/// Fill `size` bytes of guest memory at `base` (one memslot, 8-byte aligned) with `word(offset)`
+/// in every u64, in one pass straight into the host mapping: a 1 GiB carve-out costs seconds
+/// when the VMM itself runs under emulation, so no intermediate buffer.
+pub fn fill_u64(mem: &GuestMemory, base: u64, size: u64, word: impl Fn(u64) -> u64) -> Result<()> {
+    if base % 8 != 0 || size % 8 != 0 {
+        bail!("fill of {base:#x}+{size:#x} is not 8-byte aligned");
+    }
+    let slice = mem
+        .get_slice(GuestAddress(base), size as usize)
+        .with_context(|| format!("{base:#x}+{size:#x} is not one guest memory region"))?;
+    let guard = slice.ptr_guard_mut();
+    let ptr = guard.as_ptr().cast::<u64>();
+    for i in 0..size / 8 {
+        // SAFETY: `ptr..ptr+size` is the host mapping of this guest range (get_slice checked it
+        // lies in one region), 8-byte aligned (mmap is page aligned, base is 8-aligned), and
+        // no vCPU runs yet, so nothing else accesses it; the guard keeps the mapping alive.
+        unsafe { ptr.add(i as usize).write(word(i * 8)) };
+    }
+    Ok(())
+}

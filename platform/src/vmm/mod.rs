@@ -270,19 +270,12 @@ fn fill_observable(
     map: &firmware::MemoryMap,
 ) -> Result<Vec<ProbeRegion>> {
     let mut regions = Vec::new();
-    let mut chunk = vec![0u8; MIB as usize];
     for c in &map.carve_outs {
         let seed = guest::carveout_seed(c.pxm);
-        let mut off = 0;
-        while off < c.range.size {
-            let n = (c.range.size - off).min(MIB);
-            for (i, w) in chunk[..n as usize].chunks_exact_mut(8).enumerate() {
-                w.copy_from_slice(&pattern_word(seed, off + 8 * i as u64).to_le_bytes());
-            }
-            mem.write_slice(&chunk[..n as usize], GuestAddress(c.range.base + off))
-                .context("filling a carve-out")?;
-            off += n;
-        }
+        memory::fill_u64(mem, c.range.base, c.range.size, |off| {
+            pattern_word(seed, off)
+        })
+        .context("filling a carve-out with its boot pattern")?;
         regions.push(ProbeRegion {
             base: c.range.base,
             size: c.range.size,

@@ -7,13 +7,18 @@
 //! physical memory and [`testdev`] asks the VMM what it sees there.
 
 pub mod devmem;
+pub mod egm;
 pub mod env;
 pub mod firmware;
+pub mod gpus;
 pub mod kconfig;
 pub mod ktap;
+pub mod mapping;
 pub mod outcome;
+pub mod pci;
 pub mod procfs;
 pub mod registry;
 pub mod runner;
 pub mod suites;
 pub mod testdev;
+pub mod vfio;

@@ -71,8 +71,7 @@ impl PciDevice {
 
     pub fn set_driver_override(&self, driver: &str) -> Result<(), String> {
         let path = self.dir().join("driver_override");
-        write_attr(&path, driver)
-            .map_err(|e| format!("echo {driver} > {}: {e}", path.display()))
+        write_attr(&path, driver).map_err(|e| format!("echo {driver} > {}: {e}", path.display()))
     }
 
     /// Asks the PCI core to bind a driver (`echo <BDF> > drivers_probe`); returns what the

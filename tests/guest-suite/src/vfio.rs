@@ -209,7 +209,11 @@ impl From<Error> for String {
 }
 
 /// `ioctl(fd, request, arg)` with an integer (or no) argument; the return value or the errno.
-fn ioctl_value(fd: &impl AsRawFd, request: libc::Ioctl, arg: libc::c_ulong) -> std::io::Result<i32> {
+fn ioctl_value(
+    fd: &impl AsRawFd,
+    request: libc::Ioctl,
+    arg: libc::c_ulong,
+) -> std::io::Result<i32> {
     // SAFETY: every request passed here takes its argument by value (or ignores it), so the
     // kernel dereferences no pointer of ours.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request, arg) };
@@ -347,9 +351,8 @@ impl Group {
     /// A device fd for `name` (a PCI BDF) (`VFIO_GROUP_GET_DEVICE_FD`).
     pub fn device(&self, name: &str) -> Result<Device, Error> {
         let what = || format!("VFIO_GROUP_GET_DEVICE_FD({name:?}) on {}", self.path);
-        let cname = CString::new(name).map_err(|_| {
-            Error::new(what(), std::io::Error::from_raw_os_error(libc::EINVAL))
-        })?;
+        let cname = CString::new(name)
+            .map_err(|_| Error::new(what(), std::io::Error::from_raw_os_error(libc::EINVAL)))?;
         // SAFETY: the argument is a NUL-terminated string that lives across the call; the
         // kernel only reads it (strndup_user up to the NUL).
         let fd = unsafe {
@@ -520,7 +523,11 @@ pub fn parse_capability_chain(
             return Err(format!("capability chain loops back to {at:#x}"));
         }
         let next = u32_at(buf, at + 4) as usize;
-        let end = if next > at { next.min(buf.len()) } else { buf.len() };
+        let end = if next > at {
+            next.min(buf.len())
+        } else {
+            buf.len()
+        };
         caps.push(Capability {
             id: u16_at(buf, at),
             version: u16_at(buf, at + 2),
@@ -627,8 +634,14 @@ impl Device {
             unsafe { words.as_mut_ptr().cast::<RawRegionInfo>().write(raw) };
             // SAFETY: the buffer is `words.len() * 8 >= argsz` bytes and lives across the
             // call; the kernel writes at most argsz bytes.
-            unsafe { ioctl_ptr(&self.file, DEVICE_GET_REGION_INFO, words.as_mut_ptr().cast()) }
-                .map_err(|e| Error::new(what(), e))?;
+            unsafe {
+                ioctl_ptr(
+                    &self.file,
+                    DEVICE_GET_REGION_INFO,
+                    words.as_mut_ptr().cast(),
+                )
+            }
+            .map_err(|e| Error::new(what(), e))?;
             let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
             let wanted = u32_at(&bytes, 0) as usize;
             let flags = u32_at(&bytes, 4);
@@ -844,7 +857,11 @@ mod tests {
             0x1000,
             &[
                 (CAP_TYPE, 1, type_body),
-                (CAP_SPARSE_MMAP, 1, sparse_body(&[(0, 0x800), (0x1000, 0x800)])),
+                (
+                    CAP_SPARSE_MMAP,
+                    1,
+                    sparse_body(&[(0, 0x800), (0x1000, 0x800)]),
+                ),
             ],
         );
         let info = RegionInfo::parse(&buf).unwrap();
@@ -914,7 +931,9 @@ mod tests {
         };
         let mut short = sparse_body(&[(0, 1 << 30)]);
         short.truncate(20);
-        assert!(parse_sparse_mmap(&cap(1, short)).unwrap_err().contains("claims 1"));
+        assert!(parse_sparse_mmap(&cap(1, short))
+            .unwrap_err()
+            .contains("claims 1"));
         assert!(parse_sparse_mmap(&cap(2, sparse_body(&[]))).is_err());
         assert!(parse_sparse_mmap(&cap(1, vec![0; 4])).is_err());
         assert_eq!(parse_sparse_mmap(&cap(1, sparse_body(&[]))), Ok(vec![]));

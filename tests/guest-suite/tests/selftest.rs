@@ -76,22 +76,35 @@ fn test_unknown_test_name_exits_two() {
 #[test]
 fn test_list_prints_guest_test_names() {
     let (out, code, _) = run_suite(&["--list"]);
+    let names: Vec<&str> = out.lines().collect();
+    // Boot checks come first, in this order; the platform, GPU and EGM suites follow.
     assert_eq!(
-        out.lines().collect::<Vec<_>>(),
+        names[..4],
         [
             "userspace_reached",
             "cpus_online",
             "ram_size",
-            "kernel_config",
-            "acpi_in_use",
-            "dt_in_use",
-            "efi_memmap_used",
-            "numa_nodes",
-            "carveouts_hidden",
-            "testdev_probe",
-            "carveout_pattern",
-            "carveout_write_seen_by_vmm"
+            "kernel_config"
         ]
+    );
+    for expected in [
+        "acpi_in_use",
+        "carveout_write_seen_by_vmm",
+        "gpu_bind",
+        "gpu_usemem_mmap",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from --list: {names:?}"
+        );
+    }
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len(), "duplicate test names: {names:?}");
+    assert!(
+        names.iter().all(|n| !n.is_empty() && !n.contains(' ')),
+        "{names:?}"
     );
     assert_eq!(code, Some(0));
 }

@@ -4,12 +4,14 @@
 use crate::registry::Test;
 
 pub mod boot;
+pub mod egm;
+pub mod gpu;
 pub mod platform;
 pub mod selftest;
 
 /// Every test of the guest suite.
 pub fn all() -> Vec<Test> {
-    [boot::TESTS, platform::TESTS].concat()
+    [boot::TESTS, platform::TESTS, gpu::TESTS, egm::TESTS].concat()
 }
 
 /// The harness self-tests (`--selftest`).
