@@ -61,7 +61,7 @@ cd "$dest"
 export GIT_AUTHOR_NAME=gracevm GIT_AUTHOR_EMAIL=gracevm@localhost
 export GIT_COMMITTER_NAME=gracevm GIT_COMMITTER_EMAIL=gracevm@localhost
 git init -q
-git add -A
+git add -f -A  # Debian's linux-source .gitignore ignores everything at the top level
 git commit -q -m "$(basename "$src")"
 
 say "applying ${#patches[@]} patches"
@@ -74,7 +74,7 @@ for p in "${patches[@]}"; do
     fi
     git am --abort >/dev/null 2>&1 || true
     if patch -p1 --forward --fuzz=2 --no-backup-if-mismatch -s < "$f" >"$work/patch.log" 2>&1; then
-        git add -A
+        git add -f -A
         git commit -q -m "$subject" -m "(applied by gracevm with patch -p1 after git am refused it)"
         say "applied with fuzz (git am refused it): $subject"
         sed 's/^/[patches]   /' "$work/patch.log" >&2 || true

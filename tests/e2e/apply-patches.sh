@@ -19,6 +19,8 @@ mkpatch() { # mkpatch FILE SUBJECT DIFF
 
 mkdir -p "$t/src/drivers"
 printf 'one\ntwo\nthree\nfour\nfive\nsix\nseven\n' > "$t/src/drivers/a.c"
+# Debian's linux-source ships a .gitignore that ignores everything at the top level.
+printf '/*\n!/debian/\n' > "$t/src/.gitignore"
 cp -a "$t/src" "$t/pristine"
 mkdir -p "$t/series" "$t/broken"
 printf 'From 0 Mon Sep 17 00:00:00 2001\nFrom: Dev <dev@example.org>\nSubject: [PATCH 0/2] cover\n\nno diff here\n' > "$t/series/0000-cover.patch"
