@@ -72,6 +72,17 @@ pub fn env_file(platform: &Platform, mode: &Mode) -> String {
         })
         .collect();
     put("CARVEOUTS", shell_quote(&carve_outs.join(" ")));
+    // Per carve-out: `pxm:table:addr,addr,...`, the retired-pages table and its entries in
+    // table order (what the EGM ioctl should report).
+    let retired: Vec<String> = map
+        .carve_outs
+        .iter()
+        .map(|c| {
+            let pages: Vec<String> = c.retired_pages.iter().map(|a| format!("{a:#x}")).collect();
+            format!("{}:{:#x}:{}", c.pxm, c.retired_pages_table, pages.join(","))
+        })
+        .collect();
+    put("EGM_RETIRED_PAGES", shell_quote(&retired.join(" ")));
     let gpus: Vec<String> = map
         .gpus
         .iter()
@@ -163,6 +174,10 @@ mod tests {
         // The default platform has one 1 GiB carve-out at PXM 4.
         assert!(
             env.contains("GRACEVM_CARVEOUTS='4:0x8000000000:0x40000000:0x4752414345000004'\n"),
+            "{env}"
+        );
+        assert!(
+            env.contains("GRACEVM_EGM_RETIRED_PAGES='4:0x40100000:'\n"),
             "{env}"
         );
         // ... and one GB200 at 00:01.0 with all six properties.

@@ -8,9 +8,9 @@
 //!   [`plan_regions`], [`expected_retired_pages`]): which GPU binds, which `/dev/egm<pxm>`
 //!   appears and what its retired-pages list holds.
 //! - The kernel interfaces: GPU bind/unbind through `driver_override` ([`try_bind`], on
-//!   [`crate::pci::PciDevice`]), the
-//!   sysfs objects of the spec's section 2, `/dev/egm<pxm>` ([`open_node`], [`RawMap`] with
-//!   raw flags and offsets) and the `EGM_RETIRED_PAGES_LIST` ioctl ([`retired_pages_call`]).
+//!   [`crate::pci::PciDevice`]), the sysfs objects of the spec's section 2, `/dev/egm<pxm>`
+//!   ([`open_node`], [`RawMap`] with raw flags and offsets) and the `EGM_RETIRED_PAGES_LIST`
+//!   ioctl ([`retired_pages_call`]).
 //! - Process helpers ([`fork_child`], [`Pipe`]) for accesses that may end in SIGBUS or worse:
 //!   they run in a forked child so the test process survives to report.
 
@@ -36,10 +36,12 @@ pub const RETIRED_PAGES: &str = "GRACEVM_EGM_RETIRED_PAGES";
 
 /// The nvgrace-gpu PCI driver (the EGM auxiliary device's parent).
 pub const GPU_DRIVER: &str = crate::gpus::DRIVER;
-/// The EGM auxiliary driver, and the module name when built as a module.
-pub const EGM_DRIVER: &str = "nvgrace_egm";
+/// The nvgrace-egm module (`KBUILD_MODNAME`, also when built in).
+pub const EGM_MODULE: &str = "nvgrace_egm";
+/// The EGM auxiliary driver as sysfs names it: the auxiliary bus prefixes the module name
+/// (`/sys/bus/auxiliary/drivers/nvgrace_egm.nvgrace_egm`).
+pub const EGM_AUX_DRIVER: &str = "nvgrace_egm.nvgrace_egm";
 pub const AUX_DEVICES: &str = "/sys/bus/auxiliary/devices";
-pub const AUX_DRIVERS: &str = "/sys/bus/auxiliary/drivers";
 pub const EGM_CLASS: &str = "/sys/class/egm";
 pub const HARD_OFFLINE_PAGE: &str = "/sys/devices/system/memory/hard_offline_page";
 /// Present for a loaded (not built-in) nvgrace-egm module.
@@ -917,6 +919,11 @@ impl RawMap {
         self.len == 0
     }
 
+    /// The virtual address of byte 0.
+    pub fn addr(&self) -> usize {
+        self.ptr as usize
+    }
+
     fn word(&self, offset: usize) -> *mut u64 {
         assert!(offset % 8 == 0, "unaligned u64 access at {offset:#x}");
         assert!(
@@ -1006,6 +1013,117 @@ impl Drop for NoAccessPage {
         unsafe {
             libc::munmap(self.ptr, self.len);
         }
+    }
+}
+
+/// `prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY)`: be signalled as soon as memory
+/// this process maps is poisoned, not only when it touches it (QEMU does this at start-up;
+/// memory_failure signals another process's mapping only when it asked for early kill).
+pub fn set_mce_kill_early() -> std::io::Result<()> {
+    const PR_MCE_KILL: libc::c_int = 33;
+    const PR_MCE_KILL_SET: libc::c_ulong = 1;
+    const PR_MCE_KILL_EARLY: libc::c_ulong = 1;
+    // SAFETY: prctl with plain integer arguments; it changes a flag of this process only.
+    let ret = unsafe { libc::prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0) };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The SIGBUS a process got for poisoned memory, as [`catch_sigbus`]'s handler reports it in
+/// its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SigbusReport {
+    /// `si_code`: [`libc::BUS_MCEERR_AO`] (action optional, asynchronous),
+    /// [`libc::BUS_MCEERR_AR`] (action required) or something else.
+    pub code: i32,
+    /// `si_addr` was the expected address.
+    pub addr_ok: bool,
+}
+
+/// First exit code of the [`catch_sigbus`] handler.
+pub const SIGBUS_EXIT_BASE: i32 = 60;
+
+/// The handler's exit code for `report`.
+pub fn sigbus_exit_code(report: SigbusReport) -> i32 {
+    let kind = match report.code {
+        libc::BUS_MCEERR_AO => 0,
+        libc::BUS_MCEERR_AR => 1,
+        _ => 2,
+    };
+    SIGBUS_EXIT_BASE + 2 * kind + i32::from(!report.addr_ok)
+}
+
+/// The report an exit code stands for (`None`: not the handler's).
+pub fn sigbus_report(exit_code: i32) -> Option<SigbusReport> {
+    let n = exit_code.checked_sub(SIGBUS_EXIT_BASE)?;
+    let code = match n / 2 {
+        0 => libc::BUS_MCEERR_AO,
+        1 => libc::BUS_MCEERR_AR,
+        2 => 0,
+        _ => return None,
+    };
+    Some(SigbusReport {
+        code,
+        addr_ok: n % 2 == 0,
+    })
+}
+
+impl fmt::Display for SigbusReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let code = match self.code {
+            libc::BUS_MCEERR_AO => "BUS_MCEERR_AO",
+            libc::BUS_MCEERR_AR => "BUS_MCEERR_AR",
+            _ => "a code other than BUS_MCEERR_AO/AR",
+        };
+        write!(
+            f,
+            "got SIGBUS {code} at {} address",
+            if self.addr_ok {
+                "the poisoned page's"
+            } else {
+                "another"
+            }
+        )
+    }
+}
+
+/// The address [`catch_sigbus`]'s handler expects in `si_addr`.
+static SIGBUS_EXPECTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler; si_addr is the
+    // fault-address member SIGBUS fills in.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    let expected = SIGBUS_EXPECTED.load(std::sync::atomic::Ordering::Relaxed);
+    let exit = sigbus_exit_code(SigbusReport {
+        code,
+        addr_ok: addr == expected,
+    });
+    // SAFETY: _exit is async-signal-safe and ends the process at once.
+    unsafe { libc::_exit(exit) }
+}
+
+/// Installs a SIGBUS handler that ends the process with [`sigbus_exit_code`] (expecting
+/// `si_addr == expected`). Rust's own SIGBUS handler (stack-overflow detection) would return
+/// from an asynchronous SIGBUS and let the process run on.
+pub fn catch_sigbus(expected: usize) -> std::io::Result<()> {
+    SIGBUS_EXPECTED.store(expected, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction is a valid starting point; we set the handler, SA_SIGINFO
+    // and an empty mask, and sigaction only reads it.
+    let ret = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut())
+    };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -1629,6 +1747,55 @@ mod tests {
         assert_eq!(sleeper.wait_timeout(Duration::from_millis(50)), None);
         assert_eq!(sleeper.kill(), Some(ChildEnd::Signaled(libc::SIGKILL)));
         assert_eq!(pipe.recv(Duration::from_millis(10)), None);
+    }
+
+    #[test]
+    fn test_sigbus_exit_codes_round_trip() {
+        for code in [libc::BUS_MCEERR_AO, libc::BUS_MCEERR_AR, 0] {
+            for addr_ok in [true, false] {
+                let report = SigbusReport { code, addr_ok };
+                assert_eq!(sigbus_report(sigbus_exit_code(report)), Some(report));
+            }
+        }
+        assert_eq!(
+            sigbus_exit_code(SigbusReport {
+                code: libc::BUS_MCEERR_AO,
+                addr_ok: true
+            }),
+            60
+        );
+        assert_eq!(
+            sigbus_exit_code(SigbusReport {
+                code: libc::BUS_MCEERR_AR,
+                addr_ok: true
+            }),
+            62
+        );
+        assert_eq!(sigbus_report(12), None);
+        assert_eq!(sigbus_report(66), None);
+    }
+
+    #[test]
+    fn test_catch_sigbus_reports_code_and_address() {
+        let mut child = fork_child(|| {
+            if catch_sigbus(0x1234_5000).is_err() {
+                return 1;
+            }
+            // SAFETY: raise sends SIGBUS to ourselves; the handler _exits.
+            unsafe {
+                libc::raise(libc::SIGBUS);
+            }
+            2
+        })
+        .unwrap();
+        // raise() carries SI_TKILL, no address: "other code, other address".
+        assert_eq!(
+            child.wait_timeout(Duration::from_secs(5)),
+            Some(ChildEnd::Exited(sigbus_exit_code(SigbusReport {
+                code: 0,
+                addr_ok: false
+            })))
+        );
     }
 
     #[test]
