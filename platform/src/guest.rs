@@ -59,7 +59,7 @@ pub fn env_file(platform: &Platform, mode: &Mode) -> String {
     put("SYSTEM_RAM", platform.system_ram().to_string());
     put("BOOT_MODE", platform.boot.to_string());
     let map = platform.memory_map();
-    put("NUMA_NODES", node_list(map.ram.len()));
+    put("NUMA_NODES", memory_nodes(platform, &map));
     let carve_outs: Vec<String> = map
         .carve_outs
         .iter()
@@ -128,13 +128,51 @@ pub fn carveout_seed(pxm: u32) -> u64 {
     0x4752_4143_4500_0000 | u64::from(pxm)
 }
 
-/// Linux's list syntax for nodes `0..n`: "0", "0-3".
-fn node_list(n: usize) -> String {
-    match n {
-        0 => String::new(),
-        1 => "0".into(),
-        n => format!("0-{}", n - 1),
+/// The NUMA nodes Linux gives the sockets' RAM. With ACPI it numbers proximity domains in the
+/// order it parses SRAT: every GICC (CPU) entry, then Generic Initiators (GPUs), then memory
+/// (RAM, then the carve-outs' hot-pluggable placeholders); the DT numbering follows the same
+/// per-socket order. A socket without a CPU therefore gets a node after the GPUs'.
+fn memory_nodes(platform: &Platform, map: &firmware::MemoryMap) -> String {
+    let mut order: Vec<u32> = Vec::new();
+    let mut see = |pxm: u32| {
+        if !order.contains(&pxm) {
+            order.push(pxm);
+        }
+    };
+    if platform.boot == firmware::BootMode::Acpi {
+        for cpu in 0..platform.vcpus {
+            let s = layout::cpu_socket(cpu, platform.vcpus, map.ram.len());
+            see(map.ram[s].pxm);
+        }
+        map.gpus.iter().for_each(|g| see(g.pxm));
     }
+    map.ram.iter().for_each(|r| see(r.pxm));
+    let mut nodes: Vec<usize> = map
+        .ram
+        .iter()
+        .filter_map(|r| order.iter().position(|&p| p == r.pxm))
+        .collect();
+    nodes.sort_unstable();
+    kernel_list(&nodes)
+}
+
+/// Linux's list syntax: "0", "0-3", "0-1,6-7".
+fn kernel_list(ids: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        let mut j = i;
+        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            ids[i].to_string()
+        } else {
+            format!("{}-{}", ids[i], ids[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 /// The user's initrd followed by gracevm's archive.
@@ -199,6 +237,26 @@ mod tests {
         ] {
             assert!(gpus.contains(p), "{p} missing in {gpus}");
         }
+    }
+
+    #[test]
+    fn test_memory_nodes_follow_srat_parse_order() {
+        let four = |vcpus: u32| {
+            let mut text = format!("vcpus = {vcpus}\n");
+            for _ in 0..4 {
+                text += "[[socket]]\nram = \"256M\"\n";
+            }
+            for s in 0..4 {
+                text += &format!("[[gpu]]\nsocket = {s}\nmem_size = \"1G\"\n");
+            }
+            let p = Platform::from_toml(&text, "t").unwrap();
+            memory_nodes(&p, &p.memory_map())
+        };
+        // A CPU on every socket: nodes 0-3. Two CPUs: sockets 2 and 3 come after the 4 GPUs.
+        assert_eq!(four(4), "0-3");
+        assert_eq!(four(2), "0-1,6-7");
+        assert_eq!(kernel_list(&[0, 2, 3, 5]), "0,2-3,5");
+        assert_eq!(kernel_list(&[]), "");
     }
 
     #[test]
