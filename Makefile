@@ -24,6 +24,7 @@ TIMEOUT ?= 300
 ARGS    ?=
 FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_SECONDS ?= 600
+BENCH_PLATFORM ?= tests/bench/minimal.toml
 
 HOST_ARCH := $(shell uname -m)
 TARGET    := aarch64-unknown-linux-gnu
@@ -168,7 +169,7 @@ run: kernel initramfs
 	@$(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)
 
 bench: kernel initramfs
-	@$(HOST_VMM) bench $(GUEST_ARGS) --out $(OUT)/bench
+	@$(HOST_VMM) bench --platform $(BENCH_PLATFORM) $(GUEST_ARGS) --out $(OUT)/bench
 
 clean:
 	cargo clean
