@@ -32,17 +32,18 @@ impl Status {
         }
     }
 
+    /// Every status, in severity order.
+    pub const ALL: [Status; 6] = [
+        Status::Pass,
+        Status::Fail,
+        Status::Panic,
+        Status::Timeout,
+        Status::VmmError,
+        Status::Interrupted,
+    ];
+
     pub fn from_code(code: i32) -> Option<Status> {
-        [
-            Status::Pass,
-            Status::Fail,
-            Status::Panic,
-            Status::Timeout,
-            Status::VmmError,
-            Status::Interrupted,
-        ]
-        .into_iter()
-        .find(|s| s.code() == code)
+        Status::ALL.into_iter().find(|s| s.code() == code)
     }
 }
 
@@ -55,14 +56,7 @@ mod tests {
 
     #[test]
     fn test_status_codes_distinct_and_round_trip() {
-        let all = [
-            Status::Pass,
-            Status::Fail,
-            Status::Panic,
-            Status::Timeout,
-            Status::VmmError,
-            Status::Interrupted,
-        ];
+        let all = Status::ALL;
         for s in all {
             assert_eq!(Status::from_code(s.code()), Some(s));
             assert_ne!(s.code(), USAGE);

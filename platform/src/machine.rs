@@ -11,8 +11,8 @@ use firmware::Platform;
 /// Flags raised outside the VMM's event loop that end a run.
 #[derive(Default)]
 pub struct Watch {
-    /// SIGINT/SIGTERM reached gracevm.
-    pub interrupted: AtomicBool,
+    /// SIGINT/SIGTERM reached gracevm (shared with the signal handler, which raises it).
+    pub interrupted: Arc<AtomicBool>,
     /// The console showed a kernel panic.
     pub panicked: AtomicBool,
 }

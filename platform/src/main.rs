@@ -155,18 +155,10 @@ fn main() {
     init_logging(cli.verbose);
     let watch = Arc::new(Watch::default());
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // Raising a flag is all the handler does; every loop polls it.
-        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let _ = signal_hook::flag::register(sig, flag.clone());
-        let w = watch.clone();
-        std::thread::spawn(move || loop {
-            if flag.load(std::sync::atomic::Ordering::Acquire) {
-                w.interrupted
-                    .store(true, std::sync::atomic::Ordering::Release);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        });
+        // The handler only raises the flag; every wait loop polls it.
+        if let Err(e) = signal_hook::flag::register(sig, watch.interrupted.clone()) {
+            log::warn!("cannot handle signal {sig}: {e}");
+        }
     }
     let code = match dispatch(cli.command, watch) {
         Ok(code) => code,
