@@ -183,8 +183,7 @@ impl NestedRun<'_> {
             })
             .collect();
         self.stage.write("jobs", jobs.as_bytes())?;
-        let initrd = self.stage.write("level1.cpio", &self.level1.initramfs()?)?;
-        let _ = initrd;
+        self.stage.write("level1.cpio", &self.level1.initramfs()?)?;
 
         let mut cmd = Command::new(&self.level1.qemu);
         cmd.args([
