@@ -1376,11 +1376,7 @@ impl Pipe {
 mod tests {
     use super::*;
 
-    /// A default-platform GPU line as platform/src/guest.rs writes it.
-    const GPU_LINE: &str = "bdf=0000:00:01.0;id=10de:2941;style=blackwell;readiness=ready;\
-        mem=0xd000000000+0x40000000;props=gpu-mem-base-pa:0xd000000000,gpu-mem-size:0x40000000,\
-        egm-pxm:0x4,egm-base-pa:0x8000000000,egm-size:0x40000000,\
-        egm-retired-pages-data-base:0x40100000";
+    use crate::gpus::DEFAULT_GPU_LINE as GPU_LINE;
 
     fn gpu(line: &str) -> Gpu {
         crate::gpus::parse_gpus(line).unwrap().remove(0)

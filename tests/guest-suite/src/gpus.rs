@@ -449,14 +449,19 @@ pub fn gpus(env: &GuestEnv) -> Result<Vec<Gpu>, Outcome> {
     Ok(gpus)
 }
 
+/// The default platform's GPU as platform/src/guest.rs writes it (a fixture for tests here and
+/// in the EGM suite).
+#[cfg(test)]
+pub(crate) const DEFAULT_GPU_LINE: &str = "bdf=0000:00:01.0;id=10de:2941;style=blackwell;\
+    readiness=ready;mem=0xd000000000+0x40000000;props=gpu-mem-base-pa:0xd000000000,\
+    gpu-mem-size:0x40000000,egm-pxm:0x4,egm-base-pa:0x8000000000,egm-size:0x40000000,\
+    egm-retired-pages-data-base:0x40100000";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const GB200: &str = "bdf=0000:00:01.0;id=10de:2941;style=blackwell;readiness=ready;\
-        mem=0xd000000000+0x40000000;props=gpu-mem-base-pa:0xd000000000,gpu-mem-size:0x40000000,\
-        egm-pxm:0x4,egm-base-pa:0x8000000000,egm-size:0x40000000,\
-        egm-retired-pages-data-base:0x40100000";
+    const GB200: &str = DEFAULT_GPU_LINE;
 
     fn gpu(entry: &str) -> Gpu {
         parse_gpus(entry).unwrap().remove(0)
