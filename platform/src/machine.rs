@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use firmware::Platform;
 
+use crate::exit::Status;
+
 /// Flags raised outside the VMM's event loop that end a run.
 #[derive(Default)]
 pub struct Watch {
@@ -61,6 +63,18 @@ impl GuestEnd {
             GuestEnd::Timeout => "guest timed out".into(),
             GuestEnd::Interrupted => "run interrupted".into(),
             GuestEnd::VmmFailure(m) => format!("VMM failure: {m}"),
+        }
+    }
+
+    /// The exit status this end stands for by itself (a reset, which a panic did not precede,
+    /// is not a failure of the run; test mode fails it through its poweroff check).
+    pub fn status(&self) -> Status {
+        match self {
+            GuestEnd::PowerOff | GuestEnd::Reset => Status::Pass,
+            GuestEnd::Panic | GuestEnd::Crash => Status::Panic,
+            GuestEnd::Timeout => Status::Timeout,
+            GuestEnd::Interrupted => Status::Interrupted,
+            GuestEnd::VmmFailure(_) => Status::VmmError,
         }
     }
 

@@ -551,14 +551,7 @@ fn run(g: &Resolved, mode: Mode, out: Option<&Path>, watch: Arc<Watch>) -> Resul
     if let Some(o) = out {
         write_run_report(o, &report)?;
     }
-    Ok(match report.end {
-        GuestEnd::PowerOff | GuestEnd::Reset => Status::Pass,
-        GuestEnd::Panic | GuestEnd::Crash => Status::Panic,
-        GuestEnd::Timeout => Status::Timeout,
-        GuestEnd::Interrupted => Status::Interrupted,
-        GuestEnd::VmmFailure(_) => Status::VmmError,
-    }
-    .code())
+    Ok(report.end.status().code())
 }
 
 /// `run-report.json`: what `bench` reads back from nested runs.

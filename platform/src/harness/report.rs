@@ -104,13 +104,7 @@ pub fn evaluate(
     } else {
         Status::Pass
     };
-    status = status.max(match &run.end {
-        GuestEnd::PowerOff | GuestEnd::Reset => Status::Pass,
-        GuestEnd::Panic | GuestEnd::Crash => Status::Panic,
-        GuestEnd::Timeout => Status::Timeout,
-        GuestEnd::VmmFailure(_) => Status::VmmError,
-        GuestEnd::Interrupted => Status::Interrupted,
-    });
+    status = status.max(run.end.status());
     ScenarioResult {
         name: name.into(),
         status,
