@@ -9,6 +9,7 @@ use firmware::layout;
 use firmware::Platform;
 
 use crate::initramfs::{shell_quote, Archive};
+use crate::modules::Modules;
 
 /// What the guest's /init does once userspace is up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +39,7 @@ pub fn cmdline(extra: &str) -> String {
 }
 
 /// The `/gracevm/env` file.
-pub fn env_file(platform: &Platform, mode: &Mode) -> String {
+pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> String {
     let mut env = String::new();
     let mut put = |k: &str, v: String| env.push_str(&format!("GRACEVM_{k}={v}\n"));
     put(
@@ -52,6 +53,11 @@ pub fn env_file(platform: &Platform, mode: &Mode) -> String {
     );
     if let Mode::Run(cmd) = mode {
         put("CMD", shell_quote(cmd));
+    }
+    // With a module tree: its release and the modules /init loads from it, in order.
+    if let Some(m) = modules {
+        put("MODULES_RELEASE", shell_quote(&m.tree.release));
+        put("MODPROBE", shell_quote(&m.load.join(" ")));
     }
     put("BOOT_TIMER", format!("{:#x}", layout::TESTDEV_BASE));
     put("TESTDEV", format!("{:#x}", layout::TESTDEV_BASE));
@@ -175,8 +181,13 @@ fn kernel_list(ids: &[usize]) -> String {
     parts.join(",")
 }
 
-/// The user's initrd followed by gracevm's archive.
-pub fn initrd(base: &Path, platform: &Platform, mode: &Mode) -> Result<Vec<u8>> {
+/// The user's initrd followed by gracevm's archive and the kernel's module tree.
+pub fn initrd(
+    base: &Path,
+    platform: &Platform,
+    mode: &Mode,
+    modules: Option<&Modules>,
+) -> Result<Vec<u8>> {
     let mut data =
         std::fs::read(base).with_context(|| format!("reading initrd {}", base.display()))?;
     // Archives are concatenated on 4-byte boundaries.
@@ -187,8 +198,15 @@ pub fn initrd(base: &Path, platform: &Platform, mode: &Mode) -> Result<Vec<u8>> 
     a.dir("/dev")?;
     a.char_dev("/dev/console", 0o600, 5, 1)?;
     a.dir("/gracevm")?;
-    a.file("/gracevm/env", 0o644, env_file(platform, mode).as_bytes())?;
+    a.file(
+        "/gracevm/env",
+        0o644,
+        env_file(platform, mode, modules).as_bytes(),
+    )?;
     data.extend(a.finish()?);
+    if let Some(m) = modules {
+        data.extend(&m.tree.archive);
+    }
     Ok(data)
 }
 
@@ -202,7 +220,8 @@ mod tests {
             vcpus: 3,
             ..Platform::default()
         };
-        let env = env_file(&p, &Mode::Run("echo 'hi'".into()));
+        let env = env_file(&p, &Mode::Run("echo 'hi'".into()), None);
+        assert!(!env.contains("GRACEVM_MODPROBE"), "{env}");
         assert!(env.contains("GRACEVM_MODE=run\n"));
         assert!(env.contains(r"GRACEVM_CMD='echo '\''hi'\'''"), "{env}");
         assert!(env.contains("GRACEVM_CPUS=3\n"));
@@ -237,6 +256,38 @@ mod tests {
         ] {
             assert!(gpus.contains(p), "{p} missing in {gpus}");
         }
+    }
+
+    #[test]
+    fn test_modules_follow_the_env_archive() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(
+            std::env::temp_dir().join("gracevm-guest"),
+        )
+        .unwrap();
+        let base = dir.as_path().join("base.cpio");
+        std::fs::write(&base, b"070701base").unwrap();
+        let mut tree = Archive::default();
+        tree.dir("/lib/modules/7.3.4").unwrap();
+        let m = Modules {
+            tree: crate::modules::ModuleTree {
+                release: "7.3.4".into(),
+                archive: tree.finish().unwrap(),
+                count: 0,
+            },
+            load: vec!["nvgrace-egm".into(), "nvgrace-gpu-vfio-pci".into()],
+        };
+        let p = Platform::default();
+        let env = env_file(&p, &Mode::Test, Some(&m));
+        assert!(env.contains("GRACEVM_MODULES_RELEASE='7.3.4'\n"), "{env}");
+        assert!(
+            env.contains("GRACEVM_MODPROBE='nvgrace-egm nvgrace-gpu-vfio-pci'\n"),
+            "{env}"
+        );
+        let data = initrd(&base, &p, &Mode::Test, Some(&m)).unwrap();
+        assert!(data.starts_with(b"070701base\0\0"));
+        assert!(data.ends_with(&m.tree.archive));
+        let without = initrd(&base, &p, &Mode::Test, None).unwrap();
+        assert!(without.len() < data.len() && !without.ends_with(&m.tree.archive));
     }
 
     #[test]

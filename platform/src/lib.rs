@@ -9,6 +9,7 @@ pub mod guest;
 pub mod harness;
 pub mod initramfs;
 pub mod machine;
+pub mod modules;
 pub mod nested;
 #[cfg(target_arch = "aarch64")]
 pub mod vmm;

@@ -21,6 +21,7 @@ use gracevm::harness::{
     report::{evaluate, ScenarioResult, Summary},
 };
 use gracevm::machine::{GuestEnd, RunReport, Watch};
+use gracevm::modules::{self, ModuleTree, Modules};
 use gracevm::nested::{Level1, Level1End, NestedRun, Stage};
 #[cfg(target_arch = "aarch64")]
 use gracevm::vmm;
@@ -104,6 +105,19 @@ struct GuestArgs {
     /// The guest's base initramfs (newc cpio); gracevm appends its own archive to it.
     #[arg(long, env = "GRACEVM_INITRD")]
     initrd: Option<PathBuf>,
+    /// The kernel's modules: the INSTALL_MOD_PATH of `make modules_install` (or its
+    /// lib/modules/<release>, or a cpio archive of it); appended to the initrd.
+    #[arg(long, env = "GRACEVM_MODULES")]
+    modules: Option<PathBuf>,
+    /// Modules the guest's /init loads from --modules, in order (those the tree lacks, e.g.
+    /// built in, are left out).
+    #[arg(
+        long,
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        default_values_t = modules::DEFAULT_LOAD.iter().map(|m| m.to_string())
+    )]
+    modprobe: Vec<String>,
     /// Platform description (TOML); the built-in default when absent.
     #[arg(long)]
     platform: Option<PathBuf>,
@@ -256,6 +270,7 @@ pub(crate) struct Resolved {
     pub platform: Platform,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    pub modules: Option<Modules>,
     pub nested: bool,
 }
 
@@ -293,6 +308,24 @@ impl Resolved {
             "initrd",
             "--initrd PATH (or GRACEVM_INITRD); `make initramfs` builds the default one",
         )?;
+        let modules = match &a.modules {
+            Some(path) => {
+                let tree = ModuleTree::load(path).map_err(|e| Usage(e.to_string()))?;
+                tree.check_kernel(path, &kernel)
+                    .map_err(|e| Usage(e.to_string()))?;
+                info!(
+                    "modules: {} for Linux {} from {}",
+                    tree.count,
+                    tree.release,
+                    path.display()
+                );
+                Some(Modules {
+                    tree,
+                    load: a.modprobe.clone(),
+                })
+            }
+            None => None,
+        };
         let nested = match a.route {
             Route::Direct => {
                 if !direct_possible() {
@@ -312,6 +345,7 @@ impl Resolved {
             platform,
             kernel,
             initrd,
+            modules,
             nested,
         })
     }
@@ -360,6 +394,13 @@ impl Resolved {
         let mut v = vec!["--route".into(), "direct".into()];
         v.extend(["--kernel".into(), stage.add("kernel", &self.kernel)?]);
         v.extend(["--initrd".into(), stage.add("initrd", &self.initrd)?]);
+        if let Some(m) = &self.modules {
+            v.extend([
+                "--modules".into(),
+                stage.write("modules.cpio", &m.tree.archive)?,
+            ]);
+            v.extend(["--modprobe".into(), m.load.join(",")]);
+        }
         if let Some(p) = &self.args.platform {
             v.extend(["--platform".into(), stage.add(&format!("{name}.toml"), p)?]);
         }
@@ -485,7 +526,7 @@ fn boot_direct(
     let spec = machine::MachineSpec {
         platform: g.platform.clone(),
         kernel: g.kernel.clone(),
-        initrd: guest::initrd(&g.initrd, &g.platform, mode)?,
+        initrd: guest::initrd(&g.initrd, &g.platform, mode, g.modules.as_ref())?,
         cmdline: guest::cmdline(&g.args.append),
         console,
         interactive,
