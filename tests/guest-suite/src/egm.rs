@@ -485,9 +485,9 @@ pub fn require_egm_kernel(strict: bool) -> Result<(), Outcome> {
         Ok(config) => match config.value("NVGRACE_EGM") {
             Some("y" | "m") if class => {}
             Some("m") => {
-                return Err(Outcome::skip(format!(
-                    "no nvgrace-egm driver/class: CONFIG_NVGRACE_EGM=m and the module is not \
-                     loaded ({EGM_CLASS} absent)"
+                return Err(Outcome::fail(format!(
+                    "CONFIG_NVGRACE_EGM=m but the module is not loaded ({EGM_CLASS} absent): \
+                     see kernel_modules; gracevm needs the kernel's module tree (--modules)"
                 )))
             }
             Some("y") if strict => {

@@ -12,6 +12,7 @@ pub mod env;
 pub mod firmware;
 pub mod gpus;
 pub mod kconfig;
+pub mod kmod;
 pub mod ktap;
 pub mod mapping;
 pub mod outcome;

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use crate::kconfig::{self, Unavailable};
+use crate::kmod::{self, InTree};
 use crate::ktap::note;
 use crate::outcome::{check, Checks, Outcome};
 use crate::procfs::{self, bytes};
@@ -14,6 +15,7 @@ pub const TESTS: &[Test] = &[
     Test::new("cpus_online", cpus_online),
     Test::new("ram_size", ram_size),
     Test::new("kernel_config", kernel_config),
+    Test::new("kernel_modules", kernel_modules),
 ];
 
 /// PID 1 is the gracevm `/init` and `/` is still the initramfs.
@@ -179,5 +181,72 @@ fn kernel_config(_ctx: &Context) -> Outcome {
         .collect::<Vec<_>>()
         .join(" ");
     note(format!("kernel features: {features}"));
+    checks.outcome()
+}
+
+/// The drivers under test that a kernel may build as modules.
+const MODULAR_DRIVERS: &[(&str, &str)] = &[
+    ("NVGRACE_GPU_VFIO_PCI", "nvgrace-gpu-vfio-pci"),
+    ("NVGRACE_EGM", "nvgrace-egm"),
+];
+
+/// The modules gracevm asked /init to load (`GRACEVM_MODPROBE`, from the tree it appended) are
+/// loaded: the tree is this kernel's, and each module the tree has is live. Without a tree, a
+/// kernel that builds a driver under test as a module fails here, saying what to pass.
+fn kernel_modules(ctx: &Context) -> Outcome {
+    let Some(wanted) = ctx.env.get("GRACEVM_MODPROBE") else {
+        let modular: Vec<&str> = match kconfig::kernel_config() {
+            Ok(config) => MODULAR_DRIVERS
+                .iter()
+                .filter(|(option, _)| config.value(option) == Some("m"))
+                .map(|&(_, module)| module)
+                .filter(|module| !kmod::loaded(module))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if !modular.is_empty() {
+            return Outcome::fail(format!(
+                "the kernel builds {} as {} but gracevm was given no module tree: pass \
+                 --modules (make: MODULES=, or `make kernel` installs it beside the build)",
+                modular.join(", "),
+                if modular.len() == 1 {
+                    "a module"
+                } else {
+                    "modules"
+                }
+            ));
+        }
+        return Outcome::skip("no module tree given (gracevm --modules): nothing to load");
+    };
+    let Some(release) = kmod::release() else {
+        return Outcome::fail("/proc/sys/kernel/osrelease is unreadable");
+    };
+    let tree = kmod::tree_dir(&release);
+    if !std::path::Path::new(&tree).is_dir() {
+        return Outcome::fail(format!(
+            "{tree} absent: the module tree gracevm appended is for Linux {}, this kernel is {release}",
+            ctx.env.get("GRACEVM_MODULES_RELEASE").unwrap_or("?")
+        ));
+    }
+    let mut checks = Checks::new();
+    let mut seen = Vec::new();
+    for module in wanted.split_whitespace() {
+        match kmod::in_tree(&tree, module) {
+            InTree::Module => {
+                checks.expect(kmod::loaded(module), || {
+                    format!(
+                        "{module}: in {tree}/modules.dep but not loaded (the console log's \
+                         gracevm-init lines say why)"
+                    )
+                });
+                seen.push(format!("{module} (module)"));
+            }
+            InTree::BuiltIn => seen.push(format!("{module} (built in)")),
+            InTree::Absent => seen.push(format!("{module} (not in this kernel)")),
+        }
+    }
+    if !checks.failed() {
+        note(format!("Linux {release}: {}", seen.join(", ")));
+    }
     checks.outcome()
 }

@@ -35,6 +35,7 @@ use crate::env::Carveout;
 use crate::kconfig;
 use crate::ktap::note;
 use crate::outcome::{check, Checks, Outcome};
+use crate::pci::PciDevice;
 use crate::procfs::bytes;
 use crate::registry::{Context, Test};
 use crate::testdev::{Status, TestDev};
@@ -1766,19 +1767,76 @@ fn rmmod_while_open(ctx: &Context) -> Outcome {
         checks.expect(!egm::exists(egm::EGM_CLASS), || {
             format!("5.11: {} still there after rmmod", egm::EGM_CLASS)
         });
-        let reload = std::process::Command::new("modprobe")
-            .arg(EGM_MODULE)
-            .output();
-        note(format!(
-            "5.11: reloading with modprobe {EGM_MODULE}: {}",
-            match reload {
-                Ok(out) if out.status.success() => "done".to_string(),
-                Ok(out) => format!("{}", out.status),
-                Err(e) => e.to_string(),
-            }
-        ));
+        reload(&mut checks, &m);
     }
     checks.outcome()
+}
+
+/// After an rmmod: load nvgrace-egm again (the auxiliary devices are still there, so it binds
+/// them at once and the nodes come back, without BDF links: those are made when a GPU probes),
+/// then reprobe the GPUs so every region is as the next test expects it.
+fn reload(checks: &mut Checks, m: &Machine) {
+    let loaded = std::process::Command::new("modprobe")
+        .arg(EGM_MODULE)
+        .output();
+    let ok = matches!(&loaded, Ok(out) if out.status.success());
+    checks.expect(ok, || {
+        format!(
+            "5.11: modprobe {EGM_MODULE} after rmmod: {}",
+            match &loaded {
+                Ok(out) => format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) => e.to_string(),
+            }
+        )
+    });
+    if !ok {
+        return;
+    }
+    let bound: Vec<&EgmRegion> = m
+        .regions
+        .iter()
+        .filter(|r| {
+            r.gpus
+                .iter()
+                .all(|bdf| PciDevice::new(bdf).driver().as_deref() == Some(GPU_DRIVER))
+        })
+        .filter(|r| m.rejected_table(r).is_none())
+        .collect();
+    for region in &bound {
+        let node = egm::node_path(region.pxm);
+        checks.expect(egm::wait_for_path(&node, true, NODE_WAIT), || {
+            format!("5.11: {node} not back after modprobe {EGM_MODULE}")
+        });
+    }
+    let links: usize = bound
+        .iter()
+        .flat_map(|r| r.gpus.iter().map(move |bdf| bdf_link(r.pxm, bdf)))
+        .filter(|&linked| linked)
+        .count();
+    note(format!(
+        "5.11: modprobe {EGM_MODULE} again: {} node(s) back, {links} BDF link(s) before the GPUs \
+         reprobe",
+        bound.len()
+    ));
+    for region in &bound {
+        for bdf in &region.gpus {
+            if let Err(why) = egm::unbind_gpu(bdf) {
+                checks.fail(format!("5.11: reprobing {bdf}: {why}"));
+                return;
+            }
+        }
+        for bdf in &region.gpus {
+            if let Err(why) = egm::bind_gpu(bdf) {
+                checks.fail(format!("5.11: reprobing {bdf}: {why}"));
+                return;
+            }
+        }
+        expect_bound_region(checks, region, "reprobed after the reload");
+    }
 }
 
 /// 5.11, review point: unbinding the GPU while /dev/egmN is open and mapped completes at once

@@ -46,22 +46,27 @@ const BAR_FLAGS_64_PREFETCH: u64 = 0xC;
 /// The window the mapping test maps on its own, at a non-zero region offset.
 const WINDOW: u64 = 2 << 20;
 
-/// `Skip` unless the kernel registered the driver.
+/// `Skip` unless the kernel registered the driver. A kernel that has it as a module that is
+/// not loaded fails: the module tree was not given or the load failed (kernel_modules says
+/// which), and skipping would hide the whole GPU suite.
 fn require_driver() -> Result<(), Outcome> {
     if pci::driver_registered(DRIVER) {
         return Ok(());
     }
     let option = kconfig::full_name(KCONFIG);
-    Err(Outcome::skip(match kconfig::kernel_config() {
+    Err(match kconfig::kernel_config() {
         Ok(config) => match config.value(KCONFIG) {
-            Some("m") => format!("{option}=m but {DRIVER} is not registered (module not loaded)"),
-            Some("y") => format!("{option}=y but no {}/{DRIVER}", pci::PCI_DRIVERS),
-            _ => format!("kernel built without {option}"),
+            Some("m") => Outcome::fail(format!(
+                "{option}=m but {DRIVER} is not registered: the module is not loaded \
+                 (see kernel_modules; gracevm needs the kernel's module tree, --modules)"
+            )),
+            Some("y") => Outcome::skip(format!("{option}=y but no {}/{DRIVER}", pci::PCI_DRIVERS)),
+            _ => Outcome::skip(format!("kernel built without {option}")),
         },
-        Err(_) => format!(
+        Err(_) => Outcome::skip(format!(
             "{DRIVER} is not registered and the kernel config is unavailable (no {option}?)"
-        ),
-    }))
+        )),
+    })
 }
 
 /// Guest uptime in ms (0 when /proc/uptime is unreadable).
