@@ -46,6 +46,14 @@ else
 GUEST_KBUILD := $(DEFAULT_KBUILD)
 endif
 GUEST_IMAGE := $(if $(KERNEL),$(abspath $(KERNEL)),$(GUEST_KBUILD)/arch/arm64/boot/Image)
+# Its modules (the nvgrace drivers are modules): MODULES= (an INSTALL_MOD_PATH, needed with a
+# modular KERNEL=), or the tree `make kernel` installs beside the build when it has one.
+ifneq ($(MODULES),)
+GUEST_MODULES = $(abspath $(MODULES))
+else ifeq ($(KERNEL),)
+GUEST_MODULES = $$(test -d $(GUEST_KBUILD)/modules && echo $(GUEST_KBUILD)/modules)
+endif
+WITH_MODULES = env $$(m=$(GUEST_MODULES); test -z "$$m" || echo "GRACEVM_MODULES=$$m")
 
 BUSYBOX := $(CACHE)/busybox/bin/busybox
 INITRD  := target/gracevm/guest.cpio
@@ -78,11 +86,11 @@ help:
 
 # --- host packages ------------------------------------------------------------------------
 ifeq ($(HOST_ARCH),aarch64)
-APT_PKGS := gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler acpica-tools
+APT_PKGS := gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler acpica-tools kmod
 else
 APT_PKGS := rustc-web rust-web-clippy libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
             qemu-system-arm gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils \
-            device-tree-compiler acpica-tools
+            device-tree-compiler acpica-tools kmod
 endif
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -150,7 +158,7 @@ host-test: deps lint
 
 e2e: kernel initramfs
 	@echo "[test] end to end: booting $(GUEST_IMAGE)"
-	@$(HOST_VMM) test --all-scenarios --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
+	@$(WITH_MODULES) $(HOST_VMM) test --all-scenarios --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
 	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status
 
@@ -166,7 +174,7 @@ fuzz: deps
 test: host-test fuzz-smoke e2e
 
 run: kernel initramfs
-	@$(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)
+	@$(WITH_MODULES) $(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)
 
 bench: kernel initramfs
 	@$(HOST_VMM) bench --platform $(BENCH_PLATFORM) $(GUEST_ARGS) --out $(OUT)/bench

@@ -3,6 +3,9 @@
 #
 #   build.sh SRC BUILD_DIR            # writes BUILD_DIR/arch/arm64/boot/Image
 #
+# and, when the config has modules (the nvgrace drivers are modules, see fragments/vfio.config),
+# BUILD_DIR/modules/lib/modules/<release>/: the installed module tree gracevm hands the guest.
+#
 # SRC is never modified (O= build). The config is regenerated each time but only replaces
 # BUILD_DIR/.config when it changed, so unchanged trees rebuild incrementally.
 set -euo pipefail
@@ -54,13 +57,28 @@ else
 fi
 
 start=$(date +%s)
+stamp=$build/.gracevm-build-start
+touch "$stamp"
 # Progress for long builds: a line every 30 s with the number of objects built so far.
 ( while sleep 30; do
-      n=$(find "$build" -name '*.o' 2>/dev/null | wc -l)
+      n=$(find "$build" -name '*.o' -newer "$stamp" 2>/dev/null | wc -l)
       step "building... $n objects, $(( $(date +%s) - start )) s"
   done ) &
 ticker=$!
 trap 'kill $ticker 2>/dev/null || true; rm -rf "$cfg"' EXIT
-"${kmake[@]}" Image || die "'make Image' in $src failed (see the compiler output above)"
+modular=
+grep -qx 'CONFIG_MODULES=y' "$build/.config" && modular=1
+"${kmake[@]}" Image ${modular:+modules} ||
+    die "'make Image${modular:+ modules}' in $src failed (see the compiler output above)"
 kill $ticker 2>/dev/null || true
 step "Image ready in $(( $(date +%s) - start )) s: $build/arch/arm64/boot/Image"
+
+# The module tree is installed afresh each time so no module of an older build lingers.
+# depmod (kmod) writes modules.dep; without it the guest's /init runs busybox depmod.
+rm -rf "$build/modules"
+if [ -n "$modular" ]; then
+    "${kmake[@]}" INSTALL_MOD_PATH="$build/modules" INSTALL_MOD_STRIP=1 modules_install >/dev/null ||
+        die "'make modules_install' failed (see the output above)"
+    n=$(find "$build/modules" -name '*.ko' | wc -l)
+    step "$n modules installed: $(echo "$build"/modules/lib/modules/*)"
+fi
