@@ -1767,6 +1767,14 @@ fn rmmod_while_open(ctx: &Context) -> Outcome {
         checks.expect(!egm::exists(egm::EGM_CLASS), || {
             format!("5.11: {} still there after rmmod", egm::EGM_CLASS)
         });
+        if !checks.failed() {
+            note(format!(
+                "5.11: rmmod {EGM_MODULE} with {node} open: {}, node kept; after close: removed, \
+                 with every /dev/egmN and {}",
+                egm::result_name(&busy),
+                egm::EGM_CLASS
+            ));
+        }
         reload(&mut checks, &m);
     }
     checks.outcome()
