@@ -276,28 +276,7 @@ pub(crate) struct Resolved {
 
 impl Resolved {
     fn new(a: &GuestArgs) -> Result<Self> {
-        let mut platform = match &a.platform {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| {
-                    Usage(format!(
-                        "cannot read platform description {}: {e}",
-                        p.display()
-                    ))
-                })?;
-                Platform::from_toml(&text, &p.display().to_string())
-                    .map_err(|e| Usage(e.to_string()))?
-            }
-            None => Platform::default(),
-        };
-        if let Some(c) = a.cpus {
-            platform.vcpus = c;
-        }
-        if let Some(m) = a.memory {
-            platform.sockets[0].ram = m;
-        }
-        platform
-            .validate()
-            .map_err(|e| Usage(format!("platform: {e}")))?;
+        let platform = platform_for(a)?;
         let kernel = existing(
             a.kernel.as_deref(),
             "kernel",
@@ -348,6 +327,19 @@ impl Resolved {
             modules,
             nested,
         })
+    }
+
+    /// The same guest on another description (a scenario): what the files resolved to (kernel,
+    /// initrd, the packed module tree) is kept, not read again.
+    fn with_platform(&self, args: GuestArgs, platform: Platform) -> Resolved {
+        Resolved {
+            args,
+            platform,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            modules: self.modules.clone(),
+            nested: self.nested,
+        }
     }
 
     fn timeout(&self, default: Option<u64>) -> Option<Duration> {
@@ -425,6 +417,22 @@ impl Resolved {
     }
 }
 
+/// The guest's platform: its description (or the default) with the command line's overrides,
+/// validated.
+fn platform_for(a: &GuestArgs) -> Result<Platform> {
+    let mut platform = load_platform(a.platform.as_deref())?;
+    if let Some(c) = a.cpus {
+        platform.vcpus = c;
+    }
+    if let Some(m) = a.memory {
+        platform.sockets[0].ram = m;
+    }
+    platform
+        .validate()
+        .map_err(|e| Usage(format!("platform: {e}")))?;
+    Ok(platform)
+}
+
 /// A platform description from a file, or the built-in Grace-like default.
 fn load_platform(path: Option<&Path>) -> Result<Platform> {
     let Some(p) = path else {
@@ -478,7 +486,7 @@ fn scenario_list(
             guest: Resolved::new(guest)?,
         }]);
     }
-    let mut runs = Vec::new();
+    let mut scenarios = Vec::new();
     for name in names {
         let file = dir.join(format!("{name}.toml"));
         if !file.is_file() {
@@ -489,12 +497,21 @@ fn scenario_list(
         }
         let mut a = guest.clone();
         a.platform = Some(file);
-        runs.push(ScenarioRun {
-            name,
-            guest: Resolved::new(&a)?,
-        });
+        let platform = platform_for(&a)?;
+        scenarios.push((name, a, platform));
     }
-    Ok(runs)
+    // The kernel, initrd and module tree are the same for every scenario: checked (and the
+    // tree packed) once.
+    let mut shared = guest.clone();
+    shared.platform = None;
+    let shared = Resolved::new(&shared)?;
+    Ok(scenarios
+        .into_iter()
+        .map(|(name, a, platform)| ScenarioRun {
+            name,
+            guest: shared.with_platform(a, platform),
+        })
+        .collect())
 }
 
 fn existing(p: Option<&Path>, what: &str, how: &str) -> Result<PathBuf> {

@@ -136,8 +136,13 @@ impl Stage {
         Ok(guest_path)
     }
 
+    /// Put `data` in the share as `name`. As with [`Stage::add`], staging the same name twice
+    /// keeps the first (every scenario of a run stages the same module tree).
     pub fn write(&self, name: &str, data: &[u8]) -> Result<String> {
-        fs::write(self.path().join(name), data).with_context(|| format!("staging {name}"))?;
+        let dst = self.path().join(name);
+        if !dst.exists() {
+            fs::write(&dst, data).with_context(|| format!("staging {name}"))?;
+        }
         Ok(format!("/stage/{name}"))
     }
 }
@@ -360,6 +365,8 @@ mod tests {
     fn test_stage_write_and_jobs_quoting() {
         let stage = Stage::new().unwrap();
         assert_eq!(stage.write("jobs", b"x").unwrap(), "/stage/jobs");
+        assert_eq!(stage.write("jobs", b"y").unwrap(), "/stage/jobs");
+        assert_eq!(fs::read(stage.path().join("jobs")).unwrap(), b"x");
         assert_eq!(shell_quote("a b"), "'a b'");
     }
 }
