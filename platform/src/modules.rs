@@ -258,24 +258,22 @@ fn archive_names(mut data: &[u8]) -> Option<Vec<String>> {
 }
 
 /// The release in an uncompressed kernel's banner: "Linux version 7.3.4 (user@host) ...".
+/// (memmem: the Image is tens of MiB, scanned once per run, inside level 1 on the nested route.)
 pub fn kernel_release(image: &[u8]) -> Option<String> {
     const BANNER: &[u8] = b"Linux version ";
-    image
-        .windows(BANNER.len())
-        .enumerate()
-        .filter(|(_, w)| *w == BANNER)
-        .find_map(|(at, _)| {
-            let rest = &image[at + BANNER.len()..];
-            let end = rest.iter().position(|&b| b == b' ')?;
-            // The banner is followed by " (builder@host)"; format strings are not.
-            if rest.get(end + 1) != Some(&b'(') || end == 0 || end > 64 {
-                return None;
-            }
-            std::str::from_utf8(&rest[..end])
-                .ok()
-                .filter(|r| r.bytes().all(|b| b.is_ascii_graphic()))
-                .map(str::to_string)
-        })
+    memchr::memmem::find_iter(image, BANNER).find_map(|at| {
+        let rest = &image[at + BANNER.len()..];
+        // A release is at most 64 bytes (__NEW_UTS_LEN), then " (builder@host)"; format
+        // strings are not followed by that.
+        let end = rest.iter().take(65).position(|&b| b == b' ')?;
+        if rest.get(end + 1) != Some(&b'(') || end == 0 || end > 64 {
+            return None;
+        }
+        std::str::from_utf8(&rest[..end])
+            .ok()
+            .filter(|r| r.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_string)
+    })
 }
 
 #[cfg(test)]
