@@ -7,8 +7,10 @@
 //! accesses, and checks alignment and bounds before touching the mapping.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
+
+use crate::mapping::Mapping;
 
 pub const DEV_MEM: &str = "/dev/mem";
 
@@ -19,17 +21,16 @@ pub enum Access {
     ReadWrite,
 }
 
-/// `[phys, phys + len)` mapped through /dev/mem; unmapped on drop.
+/// `[phys, phys + len)` mapped through /dev/mem (the enclosing pages, as a [`Mapping`] of the
+/// file); unmapped on drop.
 #[derive(Debug)]
 pub struct PhysMap {
-    /// Start of the mmap (page aligned, at or below `phys`).
-    map: *mut u8,
-    map_len: usize,
-    /// Bytes from `map` to `phys`.
+    /// The enclosing pages.
+    map: Mapping,
+    /// Bytes from the start of `map` to `phys`.
     lead: usize,
     phys: u64,
     len: usize,
-    access: Access,
 }
 
 /// The kernel's page size.
@@ -64,45 +65,22 @@ impl PhysMap {
             .map(|n| n & !(page - 1))
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| format!("{}: length overflows", what()))?;
-        let offset = libc::off_t::try_from(start)
-            .map_err(|_| format!("{}: address beyond off_t", what()))?;
+        if libc::off_t::try_from(start).is_err() {
+            return Err(format!("{}: address beyond off_t", what()));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(access == Access::ReadWrite)
             .custom_flags(libc::O_SYNC)
             .open(path)
             .map_err(|e| format!("cannot open {path}: {e}"))?;
-        let prot = match access {
-            Access::Read => libc::PROT_READ,
-            Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-        };
-        // SAFETY: a fresh shared mapping chosen by the kernel (no address hint), of a file we
-        // hold open for the call; it aliases no Rust object. The mapping outlives the file
-        // descriptor, as mmap(2) allows.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                prot,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap of {}: {}",
-                what(),
-                std::io::Error::last_os_error()
-            ));
-        }
+        let map = Mapping::new(file.as_fd(), start, map_len, access)
+            .map_err(|e| format!("mmap of {}: {e}", what()))?;
         Ok(PhysMap {
-            map: map.cast(),
-            map_len,
+            map,
             lead,
             phys,
             len,
-            access,
         })
     }
 
@@ -119,10 +97,12 @@ impl PhysMap {
         self.len == 0
     }
 
-    /// Pointer to `offset`, after checking an aligned `size`-byte access fits.
-    fn at(&self, offset: usize, size: usize, write: bool) -> *mut u8 {
+    /// The offset in `map` of an aligned `size`-byte access at `offset`, after checking it is
+    /// inside `[phys, phys + len)` (the mapping's own checks cover the address alignment, as
+    /// its start is page aligned, and writability).
+    fn at(&self, offset: usize, size: usize) -> usize {
         assert!(
-            offset % size == 0 && (self.phys as usize + offset) % size == 0,
+            offset % size == 0,
             "unaligned {size}-byte access at {:#x}",
             self.phys + offset as u64
         );
@@ -132,53 +112,27 @@ impl PhysMap {
             self.len,
             self.phys
         );
-        assert!(
-            !write || self.access == Access::ReadWrite,
-            "write to a read-only mapping of {:#x}",
-            self.phys
-        );
-        // SAFETY: lead + offset + size <= map_len (checked above), so the pointer stays in the
-        // mapping.
-        unsafe { self.map.add(self.lead + offset) }
+        self.lead + offset
     }
 
     /// The u64 at byte `offset` (8-byte aligned), one volatile load.
     pub fn read_u64(&self, offset: usize) -> u64 {
-        let ptr = self.at(offset, 8, false).cast::<u64>();
-        // SAFETY: in bounds and aligned (checked by `at`); the mapping is live while self is.
-        unsafe { ptr.read_volatile() }
+        self.map.read_u64(self.at(offset, 8))
     }
 
     /// Stores `value` at byte `offset` (8-byte aligned), one volatile store.
     pub fn write_u64(&self, offset: usize, value: u64) {
-        let ptr = self.at(offset, 8, true).cast::<u64>();
-        // SAFETY: in bounds, aligned and writable (checked by `at`); no Rust reference points
-        // into the mapping.
-        unsafe { ptr.write_volatile(value) }
+        self.map.write_u64(self.at(offset, 8), value)
     }
 
     /// The u32 at byte `offset` (4-byte aligned), one volatile load.
     pub fn read_u32(&self, offset: usize) -> u32 {
-        let ptr = self.at(offset, 4, false).cast::<u32>();
-        // SAFETY: in bounds and aligned (checked by `at`); the mapping is live while self is.
-        unsafe { ptr.read_volatile() }
+        self.map.read_u32(self.at(offset, 4))
     }
 
     /// Stores `value` at byte `offset` (4-byte aligned), one volatile store.
     pub fn write_u32(&self, offset: usize, value: u32) {
-        let ptr = self.at(offset, 4, true).cast::<u32>();
-        // SAFETY: in bounds, aligned and writable (checked by `at`); no Rust reference points
-        // into the mapping.
-        unsafe { ptr.write_volatile(value) }
-    }
-}
-
-impl Drop for PhysMap {
-    fn drop(&mut self) {
-        // SAFETY: `map`/`map_len` are exactly what mmap returned, unmapped only here.
-        unsafe {
-            libc::munmap(self.map.cast(), self.map_len);
-        }
+        self.map.write_u32(self.at(offset, 4), value)
     }
 }
 

@@ -73,38 +73,53 @@ impl Mapping {
         self.offset
     }
 
-    /// Pointer to the u64 at `offset`, after checking it is aligned and inside the mapping.
-    fn word(&self, offset: usize, write: bool) -> *mut u64 {
+    /// Pointer to `offset`, after checking an aligned `size`-byte access fits (mmap returns
+    /// page-aligned addresses, so an aligned offset is an aligned address).
+    fn at(&self, offset: usize, size: usize, write: bool) -> *mut u8 {
         assert!(
-            offset % 8 == 0,
-            "unaligned u64 access at mapping offset {offset:#x}"
+            offset % size == 0,
+            "unaligned {size}-byte access at mapping offset {offset:#x}"
         );
         assert!(
-            offset.checked_add(8).is_some_and(|end| end <= self.len),
-            "u64 access at offset {offset:#x} beyond the {:#x}-byte mapping",
+            offset.checked_add(size).is_some_and(|end| end <= self.len),
+            "{size}-byte access at offset {offset:#x} beyond the {:#x}-byte mapping",
             self.len
         );
         assert!(
             !write || self.access == Access::ReadWrite,
             "write to a read-only mapping"
         );
-        // SAFETY: offset + 8 <= len (checked above), so the pointer stays inside the mapping.
-        unsafe { self.ptr.add(offset).cast() }
+        // SAFETY: offset + size <= len (checked above), so the pointer stays inside the mapping.
+        unsafe { self.ptr.add(offset) }
     }
 
     /// The u64 at byte `offset` (8-byte aligned), one volatile load.
     pub fn read_u64(&self, offset: usize) -> u64 {
-        let ptr = self.word(offset, false);
-        // SAFETY: in bounds and aligned (checked by `word`; mmap returns page-aligned
-        // addresses); the mapping lives as long as self.
+        let ptr = self.at(offset, 8, false).cast::<u64>();
+        // SAFETY: in bounds and aligned (checked by `at`); the mapping lives as long as self.
         unsafe { ptr.read_volatile() }
     }
 
     /// Stores `value` at byte `offset` (8-byte aligned), one volatile store.
     pub fn write_u64(&self, offset: usize, value: u64) {
-        let ptr = self.word(offset, true);
-        // SAFETY: in bounds, aligned and writable (checked by `word`); no Rust reference
-        // points into the mapping.
+        let ptr = self.at(offset, 8, true).cast::<u64>();
+        // SAFETY: in bounds, aligned and writable (checked by `at`); no Rust reference points
+        // into the mapping.
+        unsafe { ptr.write_volatile(value) }
+    }
+
+    /// The u32 at byte `offset` (4-byte aligned), one volatile load.
+    pub fn read_u32(&self, offset: usize) -> u32 {
+        let ptr = self.at(offset, 4, false).cast::<u32>();
+        // SAFETY: in bounds and aligned (checked by `at`); the mapping lives as long as self.
+        unsafe { ptr.read_volatile() }
+    }
+
+    /// Stores `value` at byte `offset` (4-byte aligned), one volatile store.
+    pub fn write_u32(&self, offset: usize, value: u32) {
+        let ptr = self.at(offset, 4, true).cast::<u32>();
+        // SAFETY: in bounds, aligned and writable (checked by `at`); no Rust reference points
+        // into the mapping.
         unsafe { ptr.write_volatile(value) }
     }
 }
