@@ -689,7 +689,13 @@ fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Resul
     };
     let cap = captured.lock().unwrap_or_else(|p| p.into_inner());
     let guest = harness::ktap::parse(&cap.ktap);
-    let result = evaluate(name, &report, &guest, cap.panic.clone());
+    let result = evaluate(
+        name,
+        &report,
+        &guest,
+        cap.panic.clone(),
+        cap.running.as_deref(),
+    );
     // The scenario's own results, as a nested outer gracevm reads them back.
     Summary::new(vec![result.clone()]).write(out)?;
     Ok(result)
@@ -741,7 +747,7 @@ fn test_nested(runs: &[ScenarioRun], out: &Path, watch: Arc<Watch>) -> Result<Ve
             vmm_ready: Duration::ZERO,
             wall: Duration::ZERO,
         };
-        evaluate(name, &r, &Default::default(), None)
+        evaluate(name, &r, &Default::default(), None, None)
     };
     Ok(runs
         .iter()

@@ -6,6 +6,8 @@ use std::io::{self, Write};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use gracevm_contract::{kernel_log, protocol};
+
 use crate::harness::ktap;
 use crate::machine::Watch;
 
@@ -15,6 +17,8 @@ pub struct Captured {
     pub ktap: Vec<String>,
     /// The first line of a kernel panic, for the report.
     pub panic: Option<String>,
+    /// The guest test that was running last (the suite announces each before it starts).
+    pub running: Option<String>,
 }
 
 pub struct ConsoleSink {
@@ -49,7 +53,10 @@ impl ConsoleSink {
             .to_string();
         self.line.clear();
         let mut cap = self.captured.lock().unwrap_or_else(|p| p.into_inner());
-        if text.contains("Kernel panic - not syncing") {
+        if let Some(name) = protocol::running_test(&text) {
+            cap.running = Some(name.to_string());
+        }
+        if kernel_log::classify(&text) == Some(kernel_log::Kind::Panic) {
             cap.panic.get_or_insert(text.clone());
             self.watch.panicked.store(true, Ordering::Release);
         }
@@ -115,6 +122,22 @@ mod tests {
             .unwrap()
             .contains("Attempted to kill init"));
         assert!(watch.panicked.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn test_console_sink_remembers_running_test() {
+        let mut sink = ConsoleSink::new(None, false, None, Arc::default());
+        let cap = sink.captured();
+        sink.write_all(
+            b"gracevm-suite: running egm_a
+ok 1 egm_a
+gracevm-suite: running egm_b
+",
+        )
+        .unwrap();
+        let cap = cap.lock().unwrap();
+        assert_eq!(cap.running.as_deref(), Some("egm_b"));
+        assert_eq!(cap.ktap, ["ok 1 egm_a"]);
     }
 
     #[test]

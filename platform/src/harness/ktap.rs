@@ -100,13 +100,15 @@ fn parse_result(line: &str) -> Option<TestResult> {
         Some((n, d)) => (n.trim(), Some(d.trim())),
         None => (rest.trim().trim_end_matches(" #"), None),
     };
+    // The directive is guest text: split it on a char boundary only (`get`, not slicing).
+    let keyword = |d: &str, word: &str| {
+        d.get(..word.len())
+            .is_some_and(|k| k.eq_ignore_ascii_case(word))
+            .then(|| d[word.len()..].trim().to_string())
+    };
     let (result, reason) = match directive {
-        Some(d) if d.len() >= 4 && d[..4].eq_ignore_ascii_case("SKIP") => {
-            (Verdict::Skip, Some(d[4..].trim().to_string()))
-        }
-        Some(d) if !ok && d.len() >= 4 && d[..4].eq_ignore_ascii_case("TODO") => {
-            (Verdict::Xfail, Some(d[4..].trim().to_string()))
-        }
+        Some(d) if keyword(d, "SKIP").is_some() => (Verdict::Skip, keyword(d, "SKIP")),
+        Some(d) if !ok && keyword(d, "TODO").is_some() => (Verdict::Xfail, keyword(d, "TODO")),
         Some(d) => (
             if ok { Verdict::Pass } else { Verdict::Fail },
             Some(d.to_string()),
@@ -176,6 +178,17 @@ mod tests {
         ));
         assert_eq!(doc.results.len(), 1);
         assert_eq!(doc.results[0].name, "real");
+    }
+
+    #[test]
+    fn test_parse_multibyte_directives_do_not_panic() {
+        let doc = parse(&lines(
+            "ok 1 x # ab€\nnot ok 2 y # €€\nok 3 z # SKIP€\nnot ok 4 w # todo é",
+        ));
+        assert_eq!(doc.results.len(), 4);
+        assert_eq!(doc.results[0].result, Verdict::Pass);
+        assert_eq!(doc.results[2].result, Verdict::Skip);
+        assert_eq!(doc.results[3].result, Verdict::Xfail);
     }
 
     #[test]

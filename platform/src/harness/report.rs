@@ -66,6 +66,7 @@ pub fn evaluate(
     run: &RunReport,
     guest: &GuestKtap,
     panic: Option<String>,
+    running: Option<&str>,
 ) -> ScenarioResult {
     let mut tests = Vec::new();
     tests.push(match run.boot_time {
@@ -80,6 +81,15 @@ pub fn evaluate(
     });
     if guest.seen_header {
         tests.extend(guest.results.iter().cloned());
+        // A panic ends the guest in the middle of a test: that test fails, by name.
+        if let (Some(line), Some(name)) = (&panic, running) {
+            if !guest.results.iter().any(|r| r.name == name) {
+                tests.push(TestResult::fail(
+                    name,
+                    format!("the kernel panicked while this test ran: {line}"),
+                ));
+            }
+        }
         let planned = guest.plan.unwrap_or(0);
         if guest.plan.is_none() || guest.results.len() < planned {
             tests.push(TestResult::fail(
@@ -283,6 +293,7 @@ mod tests {
             &run(GuestEnd::PowerOff, true),
             &guest("KTAP version 1\n1..1\nok 1 a"),
             None,
+            None,
         );
         assert_eq!(s.status, Status::Pass);
         assert_eq!(
@@ -301,6 +312,7 @@ mod tests {
             &run(GuestEnd::PowerOff, true),
             &guest("KTAP version 1\n1..1\nok 1 a # SKIP no"),
             None,
+            None,
         );
         assert_eq!(s.status, Status::Pass);
         let s = evaluate(
@@ -308,18 +320,41 @@ mod tests {
             &run(GuestEnd::PowerOff, true),
             &guest("KTAP version 1\n1..1\nnot ok 1 a"),
             None,
+            None,
         );
         assert_eq!(s.status, Status::Fail);
     }
 
     #[test]
+    fn test_evaluate_panic_fails_the_running_test_by_name() {
+        let s = evaluate(
+            "d",
+            &run(GuestEnd::Panic, true),
+            &guest("KTAP version 1\n1..3\nok 1 a"),
+            Some("Kernel panic - not syncing: Fatal exception".into()),
+            Some("egm_b"),
+        );
+        assert_eq!(s.status, Status::Panic);
+        let b = s.tests.iter().find(|t| t.name == "egm_b").unwrap();
+        assert_eq!(b.result, Verdict::Fail);
+        assert!(b.reason.as_deref().unwrap().contains("Fatal exception"));
+    }
+
+    #[test]
     fn test_evaluate_missing_ktap_or_results_fail() {
-        let s = evaluate("d", &run(GuestEnd::PowerOff, true), &guest("nothing"), None);
+        let s = evaluate(
+            "d",
+            &run(GuestEnd::PowerOff, true),
+            &guest("nothing"),
+            None,
+            None,
+        );
         assert_eq!(s.status, Status::Fail);
         let s = evaluate(
             "d",
             &run(GuestEnd::PowerOff, true),
             &guest("KTAP version 1\n1..3\nok 1 a"),
+            None,
             None,
         );
         assert_eq!(s.status, Status::Fail);
@@ -327,6 +362,7 @@ mod tests {
             "d",
             &run(GuestEnd::PowerOff, false),
             &guest("KTAP version 1\n1..1\nok 1 a"),
+            None,
             None,
         );
         assert_eq!(s.status, Status::Fail);
@@ -336,19 +372,26 @@ mod tests {
     fn test_evaluate_end_states_map_to_distinct_statuses() {
         let g = guest("KTAP version 1\n1..1\nok 1 a");
         assert_eq!(
-            evaluate("d", &run(GuestEnd::Panic, true), &g, None).status,
+            evaluate("d", &run(GuestEnd::Panic, true), &g, None, None).status,
             Status::Panic
         );
         assert_eq!(
-            evaluate("d", &run(GuestEnd::Timeout, true), &g, None).status,
+            evaluate("d", &run(GuestEnd::Timeout, true), &g, None, None).status,
             Status::Timeout
         );
         assert_eq!(
-            evaluate("d", &run(GuestEnd::VmmFailure("x".into()), true), &g, None).status,
+            evaluate(
+                "d",
+                &run(GuestEnd::VmmFailure("x".into()), true),
+                &g,
+                None,
+                None
+            )
+            .status,
             Status::VmmError
         );
         assert_eq!(
-            evaluate("d", &run(GuestEnd::Reset, true), &g, None).status,
+            evaluate("d", &run(GuestEnd::Reset, true), &g, None, None).status,
             Status::Fail
         );
     }
@@ -360,6 +403,7 @@ mod tests {
             "s<1>",
             &run(GuestEnd::PowerOff, true),
             &g,
+            None,
             None,
         )]);
         let x = sum.junit();
@@ -379,8 +423,8 @@ mod tests {
     #[test]
     fn test_summary_worst_status_and_ktap_shape() {
         let g = guest("KTAP version 1\n1..1\nok 1 a");
-        let a = evaluate("a", &run(GuestEnd::PowerOff, true), &g, None);
-        let b = evaluate("b", &run(GuestEnd::Timeout, true), &g, None);
+        let a = evaluate("a", &run(GuestEnd::PowerOff, true), &g, None, None);
+        let b = evaluate("b", &run(GuestEnd::Timeout, true), &g, None, None);
         let sum = Summary::new(vec![a, b]);
         assert_eq!(sum.exit_code, Status::Timeout.code());
         let doc = sum.ktap();

@@ -13,6 +13,7 @@ pub mod firmware;
 pub mod gpus;
 pub mod kconfig;
 pub mod kmod;
+pub mod kmsg;
 pub mod ktap;
 pub mod mapping;
 pub mod outcome;

@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+use gracevm_contract::findings::Finding;
+use gracevm_contract::kernel_log::Report;
+
 use crate::env::GuestEnv;
 use crate::outcome::Outcome;
 
@@ -26,6 +29,10 @@ impl Context {
 /// A test body.
 pub type TestFn = fn(&Context) -> Outcome;
 
+/// Which review finding a kernel report seen during the test reproduces, if any: the runner
+/// then reports XFAIL naming it rather than a bare failure.
+pub type KnownFn = fn(&Context, &Report) -> Option<Finding>;
+
 /// One registered test.
 #[derive(Debug, Clone, Copy)]
 pub struct Test {
@@ -34,6 +41,8 @@ pub struct Test {
     pub run: TestFn,
     /// After this long the test is killed and reported `not ok ... # TIMEOUT`.
     pub timeout: Duration,
+    /// Kernel reports this test may provoke on purpose (a known review finding).
+    pub known: Option<KnownFn>,
 }
 
 impl Test {
@@ -44,6 +53,14 @@ impl Test {
             name,
             run,
             timeout: Test::DEFAULT_TIMEOUT,
+            known: None,
+        }
+    }
+
+    pub const fn with_known(self, known: KnownFn) -> Test {
+        Test {
+            known: Some(known),
+            ..self
         }
     }
 

@@ -18,6 +18,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use gracevm_contract::findings::Finding;
+use gracevm_contract::kernel_log::Report as KernelReport;
+use gracevm_contract::protocol;
+
+use crate::kmsg::{self, Kmsg};
 use crate::ktap;
 use crate::outcome::Outcome;
 use crate::registry::{Context, Test};
@@ -57,7 +62,16 @@ enum Report {
     TimedOut,
 }
 
+/// Once the kernel has oopsed, a later test waits at most this long: the dead task may hold
+/// locks every later test needs, and each would otherwise wait out its full timeout.
+const AFTER_OOPS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for a report still being printed when a test ends to reach the log.
+const LOG_SETTLE: Duration = Duration::from_millis(100);
+
 /// Runs `tests` in order and prints KTAP for them (header, plan, results, totals).
+///
+/// Each test's window of the kernel log is judged too ([`judge`]): a kernel report during a
+/// test fails it, or makes it XFAIL when the test names the review finding it reproduces.
 pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
     ktap::emit(ktap::HEADER);
     ktap::emit(&ktap::plan(tests.len()));
@@ -68,18 +82,58 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
     if exe.is_none() {
         ktap::note("cannot re-execute the suite (no /proc/self/exe): running tests in-process");
     }
+    let mut log = match Kmsg::from_now() {
+        Ok(log) => Some(log),
+        Err(e) => {
+            ktap::note(format!(
+                "cannot read {} ({e}): kernel reports are not judged",
+                kmsg::KMSG
+            ));
+            None
+        }
+    };
+    let ctx = Context::load();
+    let mut died_noted = false;
     let mut totals = Totals::default();
     for (index, test) in tests.iter().enumerate() {
-        let (notes, report) = match &exe {
-            Some(exe) => run_isolated(exe, test).unwrap_or_else(|e| {
+        let mut test = *test;
+        if kmsg::kernel_died() && test.timeout > AFTER_OOPS_TIMEOUT {
+            if !died_noted {
+                ktap::note(format!(
+                    "the kernel has oopsed: later tests wait at most {} s",
+                    AFTER_OOPS_TIMEOUT.as_secs()
+                ));
+                died_noted = true;
+            }
+            test.timeout = AFTER_OOPS_TIMEOUT;
+        }
+        ktap::emit(&format!("{}{}", protocol::RUNNING, test.name));
+        let (mut notes, report) = match &exe {
+            Some(exe) => run_isolated(exe, &test).unwrap_or_else(|e| {
                 let mut notes = vec![format!(
                     "cannot start test process ({e}): running in-process"
                 )];
-                let (more, report) = run_in_process(test);
+                let (more, report) = run_in_process(&test);
                 notes.extend(more);
                 (notes, report)
             }),
-            None => run_in_process(test),
+            None => run_in_process(&test),
+        };
+        let window = log.as_mut().map(|log| {
+            thread::sleep(LOG_SETTLE);
+            log.drain()
+        });
+        let report = match window {
+            Some(window) => {
+                if window.lost {
+                    notes.push("kernel log: records were lost before they were read".into());
+                }
+                notes.extend(kmsg::diagnostics(&window.reports, 3, 12));
+                judge(report, &window.reports, |r| {
+                    test.known.and_then(|known| known(&ctx, r))
+                })
+            }
+            None => report,
         };
         for note in &notes {
             ktap::note(note);
@@ -110,6 +164,43 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
         totals.skip,
     ));
     totals
+}
+
+/// A test's result with its window of the kernel log: no report keeps the result; a report
+/// the test names as a known finding gives XFAIL naming it (unless the test failed on its own
+/// account); any other report fails the test, whatever it said.
+fn judge(
+    report: Report,
+    reports: &[KernelReport],
+    known: impl Fn(&KernelReport) -> Option<Finding>,
+) -> Report {
+    if reports.is_empty() {
+        return report;
+    }
+    let unknown: Vec<&KernelReport> = reports.iter().filter(|r| known(r).is_none()).collect();
+    let outcome = match report {
+        Report::TimedOut => return Report::TimedOut,
+        Report::Done(outcome) => outcome,
+    };
+    let describe = |r: &KernelReport| format!("kernel {} during this test: {}", r.kind, r.header());
+    Report::Done(match (outcome, unknown.first()) {
+        (Outcome::Fail(why), _) => Outcome::fail(format!("{why}\n{}", describe(&reports[0]))),
+        (_, Some(first)) => Outcome::fail(describe(first)),
+        (Outcome::XFail(why), None) => Outcome::xfail(format!(
+            "{why}\nreproduced: kernel {}: {}",
+            reports[0].kind,
+            reports[0].header()
+        )),
+        (_, None) => {
+            let first = &reports[0];
+            let finding = known(first).map(|f| f.to_string()).unwrap_or_default();
+            Outcome::xfail(format!(
+                "{finding}; reproduced: kernel {}: {}",
+                first.kind,
+                first.header()
+            ))
+        }
+    })
 }
 
 /// The child side: runs `test` and prints its outcome as a protocol line.
@@ -384,6 +475,71 @@ mod tests {
         let (notes, report) = interpret(b"started\n", b"", None);
         assert_eq!(report, Report::TimedOut);
         assert_eq!(notes, vec!["started"]);
+    }
+
+    fn kasan(header: &str) -> KernelReport {
+        KernelReport {
+            kind: gracevm_contract::kernel_log::Kind::Kasan,
+            lines: vec![header.to_string(), "Call trace:".into()],
+        }
+    }
+
+    fn known_release(r: &KernelReport) -> Option<Finding> {
+        r.mentions("egm_release")
+            .then_some(gracevm_contract::findings::UNBIND_WHILE_OPEN)
+    }
+
+    #[test]
+    fn test_judge_no_report_keeps_result() {
+        for report in [
+            Report::Done(Outcome::Pass),
+            Report::Done(Outcome::skip("x")),
+            Report::TimedOut,
+        ] {
+            assert_eq!(judge(report.clone(), &[], known_release), report);
+        }
+    }
+
+    #[test]
+    fn test_judge_unknown_report_fails_pass_and_skip() {
+        let r = [kasan("BUG: KASAN: double-free in foo")];
+        for report in [
+            Report::Done(Outcome::Pass),
+            Report::Done(Outcome::skip("x")),
+        ] {
+            let Report::Done(Outcome::Fail(why)) = judge(report, &r, known_release) else {
+                panic!("not a failure");
+            };
+            assert!(why.contains("kernel KASAN during this test: BUG: KASAN: double-free"));
+        }
+    }
+
+    #[test]
+    fn test_judge_known_report_gives_xfail_naming_finding() {
+        let r = [kasan("BUG: KASAN: slab-use-after-free in egm_release+0x1")];
+        let Report::Done(Outcome::XFail(why)) =
+            judge(Report::Done(Outcome::Pass), &r, known_release)
+        else {
+            panic!("not an xfail");
+        };
+        assert!(why.contains("[unbind-while-open]"), "{why}");
+        // A failure of the test's own checks stays a failure.
+        assert!(matches!(
+            judge(Report::Done(Outcome::fail("bad")), &r, known_release),
+            Report::Done(Outcome::Fail(_))
+        ));
+    }
+
+    #[test]
+    fn test_judge_known_and_unknown_reports_fail() {
+        let r = [
+            kasan("BUG: KASAN: slab-use-after-free in egm_release+0x1"),
+            kasan("BUG: KASAN: double-free in other"),
+        ];
+        assert!(matches!(
+            judge(Report::Done(Outcome::xfail("seen")), &r, known_release),
+            Report::Done(Outcome::Fail(_))
+        ));
     }
 
     #[test]

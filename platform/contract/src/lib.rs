@@ -1,0 +1,14 @@
+//! The contract between the gracevm VMM (host side) and the in-guest suite: facts both sides
+//! must read the same way, kept once. Free of dependencies, so the static aarch64 suite builds
+//! it as it is.
+//!
+//! - [`kernel_log`]: which kernel log lines are reports (oops, BUG, KASAN, lockdep, ...), and
+//!   how a report is grouped; the suite judges each test's window of `/dev/kmsg` with it and
+//!   the host reads the console with it.
+//! - [`findings`]: the bugs reviewers found in the EGM series, named once, so a test that
+//!   reproduces one says which.
+//! - [`protocol`]: the suite's non-KTAP console lines the host reads.
+
+pub mod findings;
+pub mod kernel_log;
+pub mod protocol;
