@@ -6,6 +6,9 @@
 #   make fuzz            fuzz the device models (FUZZ_SECONDS per target, default 600)
 #   make kernel          build the guest kernel (Debian linux-source, or KSRC=/path/to/linux)
 #
+#   DEBUG=1              guest kernel with KASAN, KFENCE, UBSAN, lockdep, DEBUG_LIST, ... (own build)
+#   EXPECT=egm           the kernel must carry the EGM driver: its tests fail instead of skipping
+#
 # Everything downloaded or built outside cargo goes to $(CACHE), never into the tree.
 
 SHELL := /bin/bash
@@ -20,7 +23,10 @@ KERNEL  ?=
 CMD     ?=
 CPUS    ?= 2
 MEMORY  ?= 1G
-TIMEOUT ?= 300
+DEBUG   ?=
+EXPECT  ?=
+# A debug kernel (KASAN and lockdep under nested emulation) runs several times slower.
+TIMEOUT ?= $(if $(DEBUG),1200,300)
 ARGS    ?=
 FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_SECONDS ?= 600
@@ -45,6 +51,12 @@ GUEST_KBUILD := $(CACHE)/build/patched-$(PATCH_KEY)
 else
 GUEST_KBUILD := $(DEFAULT_KBUILD)
 endif
+# DEBUG=1: the same tree with fragments/debug.config, in a build directory of its own (the
+# level-1 kernel of the nested route stays the plain default one).
+ifneq ($(DEBUG),)
+GUEST_KBUILD := $(GUEST_KBUILD)-debug
+BUILD_FLAGS  := --debug
+endif
 GUEST_IMAGE := $(if $(KERNEL),$(abspath $(KERNEL)),$(GUEST_KBUILD)/arch/arm64/boot/Image)
 # Its modules (the nvgrace drivers are modules): MODULES= (an INSTALL_MOD_PATH, needed with a
 # modular KERNEL=), or the tree `make kernel` installs beside the build when it has one.
@@ -54,6 +66,14 @@ else ifeq ($(KERNEL),)
 GUEST_MODULES = $$(test -d $(GUEST_KBUILD)/modules && echo $(GUEST_KBUILD)/modules)
 endif
 WITH_MODULES = env $$(m=$(GUEST_MODULES); test -z "$$m" || echo "GRACEVM_MODULES=$$m")
+# What the kernel under test must have: EXPECT= from the user, else what the build saw in the
+# tree (build.sh writes gracevm.expect when the tree carries the EGM driver's sources).
+EXPECT_FILE := $(GUEST_KBUILD)/gracevm.expect
+ifneq ($(EXPECT),)
+SET_EXPECT = export GRACEVM_EXPECT='$(EXPECT)' GRACEVM_EXPECT_WHY='EXPECT=$(EXPECT)';
+else ifeq ($(KERNEL),)
+SET_EXPECT = if [ -f $(EXPECT_FILE) ]; then export GRACEVM_EXPECT="$$(sed -n 1p $(EXPECT_FILE))" GRACEVM_EXPECT_WHY="$$(sed -n 2p $(EXPECT_FILE))"; fi;
+endif
 
 BUSYBOX := $(CACHE)/busybox/bin/busybox
 INITRD  := target/gracevm/guest.cpio
@@ -79,7 +99,7 @@ export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
 
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 
-.PHONY: help deps kernel default-kernel initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
+.PHONY: help deps kernel default-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -115,17 +135,24 @@ $(BUSYBOX):
 default-kernel: deps
 	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/build.sh "$$src" $(DEFAULT_KBUILD)
 
+# The DEBUG=1 configuration must keep surviving Kconfig on the default source, though the
+# default `make test` does not build it (CI's time): configure only, in a scratch directory.
+debug-config: deps
+	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/build.sh --debug --config-only "$$src" $(CACHE)/build/debug-config-check
+
 kernel: default-kernel
 ifneq ($(KERNEL),)
 	@test -f $(GUEST_IMAGE) || { echo "KERNEL=$(KERNEL): no such file (pass an arm64 Image)" >&2; exit 2; }
 else ifneq ($(KSRC),)
 	@test -f $(KSRC_ABS)/Makefile || { echo "KSRC=$(KSRC): not a kernel source tree" >&2; exit 2; }
 	@echo "[kernel] building your tree $(KSRC_ABS)"
-	@guest-kernel/build.sh $(KSRC_ABS) $(GUEST_KBUILD)
+	@guest-kernel/build.sh $(BUILD_FLAGS) $(KSRC_ABS) $(GUEST_KBUILD)
 else ifneq ($(PATCHES),)
 	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && \
 	    guest-kernel/apply-patches.sh "$$src" $(PATCHES_ABS) $(PATCHED_SRC)
-	@guest-kernel/build.sh $(PATCHED_SRC) $(GUEST_KBUILD)
+	@guest-kernel/build.sh $(BUILD_FLAGS) $(PATCHED_SRC) $(GUEST_KBUILD)
+else ifneq ($(DEBUG),)
+	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/build.sh --debug "$$src" $(GUEST_KBUILD)
 endif
 
 # --- gracevm and the guest's userspace ----------------------------------------------------
@@ -158,7 +185,7 @@ host-test: deps lint
 
 e2e: kernel initramfs
 	@echo "[test] end to end: booting $(GUEST_IMAGE)"
-	@$(WITH_MODULES) $(HOST_VMM) test --all-scenarios --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
+	@$(SET_EXPECT) $(WITH_MODULES) $(HOST_VMM) test --all-scenarios --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
 	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status
 
@@ -171,7 +198,7 @@ fuzz-smoke: deps
 fuzz: deps
 	@platform/fuzz/run.sh $(FUZZ_SECONDS)
 
-test: host-test fuzz-smoke e2e
+test: host-test fuzz-smoke debug-config e2e
 
 run: kernel initramfs
 	@$(WITH_MODULES) $(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)

@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
 # Build an arm64 Image out of tree: allnoconfig + the fragments beside this script.
 #
-#   build.sh SRC BUILD_DIR            # writes BUILD_DIR/arch/arm64/boot/Image
+#   build.sh [--debug] [--config-only] SRC BUILD_DIR   # writes BUILD_DIR/arch/arm64/boot/Image
+#
+# --debug adds fragments/debug.config (KASAN, KFENCE, UBSAN, lockdep, ...); --config-only stops
+# after checking that every fragment option survives Kconfig (nothing is built or written).
 #
 # and, when the config has modules (the nvgrace drivers are modules, see fragments/vfio.config),
 # BUILD_DIR/modules/lib/modules/<release>/: the installed module tree gracevm hands the guest.
 #
 # SRC is never modified (O= build). The config is regenerated each time but only replaces
 # BUILD_DIR/.config when it changed, so unchanged trees rebuild incrementally.
+#
+# A tree that carries the EGM driver's sources gets BUILD_DIR/gracevm.expect: "egm" and why,
+# which make turns into `gracevm test --expect egm` so the EGM tests fail, not skip, when the
+# driver is missing from the kernel (a renamed Kconfig symbol, a module that did not build).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-src=${1:?usage: build.sh SRC BUILD_DIR}
-build=${2:?usage: build.sh SRC BUILD_DIR}
+debug= config_only=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --debug) debug=1 ;;
+        --config-only) config_only=1 ;;
+        -*) echo "build.sh: unknown option $1" >&2; exit 2 ;;
+        *) break ;;
+    esac
+    shift
+done
+src=${1:?usage: build.sh [--debug] [--config-only] SRC BUILD_DIR}
+build=${2:?usage: build.sh [--debug] [--config-only] SRC BUILD_DIR}
 jobs=${JOBS:-$(($(nproc) + 1))}
 kmake=(make -s -C "$src" O="$build" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- -j"$jobs")
 
@@ -21,16 +38,22 @@ die() { printf 'kernel build failed: %s\n' "$*" >&2; exit 1; }
 
 [ -f "$src/Makefile" ] && [ -d "$src/arch/arm64" ] ||
     die "$src is not a Linux source tree (no Makefile or arch/arm64)"
-mkdir -p "$build"
+[ -n "$config_only" ] || mkdir -p "$build"
 
-# Fragments: every tree gets base + vfio + level1; egm.config only when the tree has the driver.
+# Fragments: every tree gets base + vfio + level1 (+ debug); egm.config only when the tree has
+# the driver. Its sources are what count, not its Kconfig symbol: a series revision that
+# renames the symbol must fail the EGM tests, not skip them.
 fragments=("$here/fragments/base.config" "$here/fragments/vfio.config" "$here/fragments/level1.config")
-if grep -rqs 'config NVGRACE_EGM' "$src/drivers/vfio/pci/nvgrace-gpu/"; then
-    step "tree carries the EGM driver: enabling CONFIG_NVGRACE_EGM"
+[ -z "$debug" ] || fragments+=("$here/fragments/debug.config")
+gpu_dir=$src/drivers/vfio/pci/nvgrace-gpu
+egm_evidence=$( { find "$gpu_dir" -maxdepth 1 -iname '*egm*' 2>/dev/null | head -n 1 | sed "s|^$src/||";
+                  grep -ls 'config NVGRACE_EGM' "$gpu_dir/Kconfig" 2>/dev/null | sed "s|^$src/||"; } | head -n 1)
+if [ -n "$egm_evidence" ]; then
+    step "tree carries the EGM driver ($egm_evidence): enabling CONFIG_NVGRACE_EGM"
     fragments+=("$here/fragments/egm.config")
 fi
 
-step "configuring $(basename "$src") (allnoconfig + ${#fragments[@]} fragments)"
+step "configuring $(basename "$src") (allnoconfig + ${#fragments[@]} fragments${debug:+, debug})"
 cfg=$(mktemp -d)
 trap 'rm -rf "$cfg"' EXIT
 "${kmake[@]}" O="$cfg" allnoconfig >/dev/null
@@ -39,14 +62,38 @@ trap 'rm -rf "$cfg"' EXIT
 
 # Every option a fragment asks for must have survived olddefconfig; a silent drop (a renamed
 # symbol, an unmet dependency) would otherwise surface as a confusing guest failure much later.
-missing=()
-while IFS= read -r line; do
-    case "$line" in
-        CONFIG_*=*) grep -qxF "$line" "$cfg/.config" || missing+=("$line") ;;
-        "# CONFIG_"*" is not set") grep -qxF "$line" "$cfg/.config" || missing+=("$line") ;;
-    esac
-done < <(cat "${fragments[@]}")
+# The EGM options are the exception: the driver under test may be broken, and the suite says
+# so (the kernel is built without them and the EGM tests fail, naming what is missing).
+dropped() {
+    local line
+    while IFS= read -r line; do
+        case "$line" in
+            CONFIG_*=*) grep -qxF "$line" "$cfg/.config" || echo "$line" ;;
+            "# CONFIG_"*" is not set") grep -qxF "$line" "$cfg/.config" || echo "$line" ;;
+        esac
+    done < <(cat "$@")
+}
+required=()
+for f in "${fragments[@]}"; do [ "$(basename "$f")" = egm.config ] || required+=("$f"); done
+mapfile -t missing < <(dropped "${required[@]}")
 [ ${#missing[@]} -eq 0 ] || die "options not taken by this tree's Kconfig: ${missing[*]}"
+egm_missing=
+if [ -n "$egm_evidence" ]; then
+    mapfile -t egm_dropped < <(dropped "$here/fragments/egm.config")
+    if [ ${#egm_dropped[@]} -gt 0 ]; then
+        egm_missing="${egm_dropped[*]} not taken by this tree's Kconfig (option missing or renamed?)"
+        step "WARNING: the tree carries the EGM driver but $egm_missing; building without it, the EGM tests will fail"
+    fi
+fi
+if [ -n "$config_only" ]; then
+    step "configuration checked: every option of ${#fragments[@]} fragments survives Kconfig"
+    exit 0
+fi
+if [ -n "$egm_evidence" ]; then
+    printf 'egm\nthe tree carries the EGM driver (%s)%s\n' "$egm_evidence" "${egm_missing:+; $egm_missing}" > "$build/gracevm.expect"
+else
+    rm -f "$build/gracevm.expect"
+fi
 
 if ! cmp -s "$cfg/.config" "$build/.config"; then
     cp "$cfg/.config" "$build/.config"

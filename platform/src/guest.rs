@@ -19,17 +19,32 @@ pub enum Mode {
     /// Run a command, then power off.
     Run(String),
     /// Run the in-guest KTAP suite, then power off.
-    Test,
+    Test(Expect),
+}
+
+/// Features the kernel under test must have: the suite fails, rather than skips, the tests of
+/// a feature listed here when the kernel lacks it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expect {
+    pub features: Vec<String>,
+    /// Why (shown in the failures): "--expect egm", or what the build saw in the tree.
+    pub why: String,
+}
+
+impl Expect {
+    /// Features `--expect` knows.
+    pub const KNOWN: &'static [&'static str] = &["egm"];
 }
 
 /// Kernel command line: a quiet console (every console byte is a trapped MMIO write, slow when
 /// nested), reboot at once on panic so a panic ends the run, vfio without an IOMMU (the GPU
 /// function is bound to vfio like on a real host), the EFI memory map in the kernel log (the
-/// suite compares it with /proc/iomem; `quiet` keeps it off the console), then the user's
-/// additions.
+/// suite compares it with /proc/iomem; `quiet` keeps it off the console) while warnings and
+/// worse still reach the console (`loglevel=5`: a WARNING or lockdep report is kept whole in
+/// console.log, the suite's diagnostics carry only its first lines), then the user's additions.
 pub fn cmdline(extra: &str) -> String {
     let mut c = String::from(
-        "console=ttyAMA0 quiet panic=-1 rdinit=/init vfio.enable_unsafe_noiommu_mode=1 efi=debug",
+        "console=ttyAMA0 quiet loglevel=5 panic=-1 rdinit=/init vfio.enable_unsafe_noiommu_mode=1 efi=debug",
     );
     if !extra.trim().is_empty() {
         c.push(' ');
@@ -47,10 +62,16 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
         match mode {
             Mode::Shell => "shell",
             Mode::Run(_) => "run",
-            Mode::Test => "test",
+            Mode::Test(_) => "test",
         }
         .into(),
     );
+    if let Mode::Test(expect) = mode {
+        if !expect.features.is_empty() {
+            put("EXPECT", shell_quote(&expect.features.join(" ")));
+            put("EXPECT_WHY", shell_quote(&expect.why));
+        }
+    }
     if let Mode::Run(cmd) = mode {
         put("CMD", shell_quote(cmd));
     }
@@ -277,16 +298,16 @@ mod tests {
             load: vec!["nvgrace-egm".into(), "nvgrace-gpu-vfio-pci".into()],
         };
         let p = Platform::default();
-        let env = env_file(&p, &Mode::Test, Some(&m));
+        let env = env_file(&p, &Mode::Test(Expect::default()), Some(&m));
         assert!(env.contains("GRACEVM_MODULES_RELEASE='7.3.4'\n"), "{env}");
         assert!(
             env.contains("GRACEVM_MODPROBE='nvgrace-egm nvgrace-gpu-vfio-pci'\n"),
             "{env}"
         );
-        let data = initrd(&base, &p, &Mode::Test, Some(&m)).unwrap();
+        let data = initrd(&base, &p, &Mode::Test(Expect::default()), Some(&m)).unwrap();
         assert!(data.starts_with(b"070701base\0\0"));
         assert!(data.ends_with(&m.tree.archive));
-        let without = initrd(&base, &p, &Mode::Test, None).unwrap();
+        let without = initrd(&base, &p, &Mode::Test(Expect::default()), None).unwrap();
         assert!(without.len() < data.len() && !without.ends_with(&m.tree.archive));
     }
 
@@ -312,7 +333,7 @@ mod tests {
 
     #[test]
     fn test_cmdline_appends_user_args() {
-        assert!(cmdline("").starts_with("console=ttyAMA0 quiet panic=-1 rdinit=/init"));
+        assert!(cmdline("").starts_with("console=ttyAMA0 quiet loglevel=5 panic=-1 rdinit=/init"));
         assert!(cmdline("").contains(" vfio.enable_unsafe_noiommu_mode=1"));
         assert!(cmdline(" loglevel=7 ").ends_with(" efi=debug loglevel=7"));
     }

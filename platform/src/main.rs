@@ -15,7 +15,7 @@ use log::info;
 use firmware::{Platform, Size};
 
 use gracevm::exit::{self, Status};
-use gracevm::guest::Mode;
+use gracevm::guest::{Expect, Mode};
 use gracevm::harness::{
     self,
     report::{evaluate, ScenarioResult, Summary},
@@ -136,6 +136,18 @@ struct GuestArgs {
     /// Run guests directly under this host's KVM, or nested in qemu-system-aarch64.
     #[arg(long, value_enum, default_value_t = Route::Auto)]
     route: Route,
+    /// Features the kernel under test must have (`egm`): their tests fail instead of skipping
+    /// when the kernel lacks them. `make test` sets it when the tree carries the EGM driver.
+    #[arg(
+        long,
+        env = "GRACEVM_EXPECT",
+        value_name = "FEATURE,...",
+        value_delimiter = ','
+    )]
+    expect: Vec<String>,
+    /// Why the features are expected (shown in the failures).
+    #[arg(long, env = "GRACEVM_EXPECT_WHY", hide = true)]
+    expect_why: Option<String>,
     #[command(flatten)]
     level1: Level1Args,
 }
@@ -276,6 +288,16 @@ pub(crate) struct Resolved {
 
 impl Resolved {
     fn new(a: &GuestArgs) -> Result<Self> {
+        if let Some(f) = a
+            .expect
+            .iter()
+            .find(|f| !f.trim().is_empty() && !Expect::KNOWN.contains(&f.trim()))
+        {
+            return usage(format!(
+                "--expect {f}: unknown feature (known: {})",
+                Expect::KNOWN.join(", ")
+            ));
+        }
         let platform = platform_for(a)?;
         let kernel = existing(
             a.kernel.as_deref(),
@@ -342,6 +364,23 @@ impl Resolved {
         }
     }
 
+    /// What the kernel under test must have (`--expect`).
+    fn expect(&self) -> Expect {
+        let features: Vec<String> = self
+            .args
+            .expect
+            .iter()
+            .map(|f| f.trim().to_string())
+            .filter(|f| !f.is_empty())
+            .collect();
+        let why = self
+            .args
+            .expect_why
+            .clone()
+            .unwrap_or_else(|| format!("--expect {}", features.join(",")));
+        Expect { features, why }
+    }
+
     fn timeout(&self, default: Option<u64>) -> Option<Duration> {
         self.args.timeout.or(default).map(Duration::from_secs)
     }
@@ -400,6 +439,11 @@ impl Resolved {
         v.extend(["--memory".into(), self.platform.boot_ram().to_string()]);
         if !self.args.append.is_empty() {
             v.extend(["--append".into(), self.args.append.clone()]);
+        }
+        let expect = self.expect();
+        if !expect.features.is_empty() {
+            v.extend(["--expect".into(), expect.features.join(",")]);
+            v.extend(["--expect-why".into(), expect.why]);
         }
         if let Some(t) = timeout {
             v.extend(["--timeout".into(), t.as_secs().to_string()]);
@@ -678,7 +722,14 @@ fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Resul
         g.platform.vcpus,
         g.platform.boot
     );
-    let report = match boot_direct(g, &Mode::Test, Box::new(sink), false, timeout, watch) {
+    let report = match boot_direct(
+        g,
+        &Mode::Test(g.expect()),
+        Box::new(sink),
+        false,
+        timeout,
+        watch,
+    ) {
         Ok(r) => r,
         Err(e) => RunReport {
             end: GuestEnd::VmmFailure(format!("{e:#}")),

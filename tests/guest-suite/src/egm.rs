@@ -479,7 +479,17 @@ pub fn compare_lists(expected: &[RetiredPage], reported: &[RetiredPage]) -> List
 /// `Ok` when the running kernel has the EGM driver, otherwise the `Skip` every EGM test reports.
 /// `strict`: a kernel configured with the driver but without its class is a `Fail` (for the
 /// test that checks the driver came up).
-pub fn require_egm_kernel(strict: bool) -> Result<(), Outcome> {
+pub fn require_egm_kernel(env: &GuestEnv, strict: bool) -> Result<(), Outcome> {
+    match (egm_kernel(strict), env.expects("egm")) {
+        (Err(Outcome::Skip(missing)), Some(why)) => Err(Outcome::fail(format!(
+            "the kernel under test should carry the EGM driver ({why}), but: {missing}"
+        ))),
+        (result, _) => result,
+    }
+}
+
+/// The EGM gate without expectations: `Skip` when the driver is absent.
+fn egm_kernel(strict: bool) -> Result<(), Outcome> {
     let class = Path::new(EGM_CLASS).is_dir();
     match kconfig::kernel_config() {
         Ok(config) => match config.value("NVGRACE_EGM") {

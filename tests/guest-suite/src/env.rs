@@ -100,6 +100,20 @@ impl GuestEnv {
         self.vars.get(key).map(String::as_str)
     }
 
+    /// Why the kernel under test must have `feature` (`GRACEVM_EXPECT` lists it; the reason is
+    /// `GRACEVM_EXPECT_WHY`), or `None` when nobody said so.
+    pub fn expects(&self, feature: &str) -> Option<String> {
+        let listed = self
+            .get("GRACEVM_EXPECT")?
+            .split([' ', ','])
+            .any(|f| f == feature);
+        listed.then(|| {
+            self.get("GRACEVM_EXPECT_WHY")
+                .unwrap_or("--expect")
+                .to_string()
+        })
+    }
+
     /// The value of `key`, or a `Skip` saying why the expectation is unavailable.
     pub fn require(&self, key: &str) -> Result<&str, Outcome> {
         if !self.present {

@@ -22,6 +22,7 @@ use gracevm_contract::findings::Finding;
 use gracevm_contract::kernel_log::Report as KernelReport;
 use gracevm_contract::protocol;
 
+use crate::kconfig;
 use crate::kmsg::{self, Kmsg};
 use crate::ktap;
 use crate::outcome::Outcome;
@@ -93,10 +94,17 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
         }
     };
     let ctx = Context::load();
+    let scale = timeout_scale();
+    if scale > 1 {
+        ktap::note(format!(
+            "debug kernel (KASAN or lockdep): test timeouts x{scale}"
+        ));
+    }
     let mut died_noted = false;
     let mut totals = Totals::default();
     for (index, test) in tests.iter().enumerate() {
         let mut test = *test;
+        test.timeout *= scale;
         if kmsg::kernel_died() && test.timeout > AFTER_OOPS_TIMEOUT {
             if !died_noted {
                 ktap::note(format!(
@@ -164,6 +172,18 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
         totals.skip,
     ));
     totals
+}
+
+/// Sanitizers and lockdep slow everything several times over (more under nested emulation).
+fn timeout_scale() -> u32 {
+    let debug = ["KASAN", "PROVE_LOCKING"]
+        .iter()
+        .any(|option| kconfig::kernel_has(option) == Some(true));
+    if debug {
+        3
+    } else {
+        1
+    }
 }
 
 /// A test's result with its window of the kernel log: no report keeps the result; a report

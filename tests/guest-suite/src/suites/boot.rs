@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use crate::kconfig::{self, Unavailable};
 use crate::kmod::{self, InTree};
+use crate::kmsg::{self, Kmsg};
 use crate::ktap::note;
 use crate::outcome::{check, Checks, Outcome};
 use crate::procfs::{self, bytes};
@@ -16,6 +17,7 @@ pub const TESTS: &[Test] = &[
     Test::new("ram_size", ram_size),
     Test::new("kernel_config", kernel_config),
     Test::new("kernel_modules", kernel_modules),
+    Test::new("kernel_log_boot", kernel_log_boot),
 ];
 
 /// PID 1 is the gracevm `/init` and `/` is still the initramfs.
@@ -249,4 +251,31 @@ fn kernel_modules(ctx: &Context) -> Outcome {
         note(format!("Linux {release}: {}", seen.join(", ")));
     }
     checks.outcome()
+}
+
+/// The kernel log from boot up to here (module loads included) holds no report: no oops, BUG,
+/// WARNING, KASAN/KFENCE/UBSAN, lockdep, list corruption, hung task or RCU stall. Later tests
+/// are judged on their own windows by the runner.
+fn kernel_log_boot(_ctx: &Context) -> Outcome {
+    let mut log = match Kmsg::from_start() {
+        Ok(log) => log,
+        Err(e) => return Outcome::fail(format!("cannot read {}: {e}", kmsg::KMSG)),
+    };
+    let window = log.drain();
+    if window.records == 0 {
+        return Outcome::fail(format!("{} gave no records", kmsg::KMSG));
+    }
+    note(format!("{} kernel log records since boot", window.records));
+    if window.lost {
+        note("the log wrapped before it was read: the oldest boot records are gone");
+    }
+    if window.reports.is_empty() {
+        return Outcome::Pass;
+    }
+    let mut lines = vec![format!(
+        "{} kernel report(s) during boot or module load",
+        window.reports.len()
+    )];
+    lines.extend(kmsg::diagnostics(&window.reports, 5, 15));
+    Outcome::fail(lines.join("\n"))
 }

@@ -91,7 +91,7 @@ struct Machine {
 
 /// The EGM gate, then the platform facts. `need_carveouts`: SKIP without a carve-out.
 fn machine(ctx: &Context, strict: bool, need_carveouts: bool) -> Result<Machine, Outcome> {
-    egm::require_egm_kernel(strict)?;
+    egm::require_egm_kernel(&ctx.env, strict)?;
     let carveouts: Vec<Carveout> = match ctx.env.carveouts() {
         Ok(carveouts) => carveouts,
         Err(Outcome::Skip(_)) if !need_carveouts => Vec::new(),
@@ -1717,7 +1717,7 @@ fn shared_region(ctx: &Context) -> Outcome {
 /// 5.11: with an fd open `rmmod nvgrace_egm` is refused; after close it removes every node.
 /// Only for a modular build: the default build has it built in.
 fn rmmod_while_open(ctx: &Context) -> Outcome {
-    check!(egm::require_egm_kernel(false));
+    check!(egm::require_egm_kernel(&ctx.env, false));
     if let Ok(config) = kconfig::kernel_config() {
         if config.value("NVGRACE_EGM") == Some("y") {
             return Outcome::skip("nvgrace-egm is built in (CONFIG_NVGRACE_EGM=y): no rmmod");
