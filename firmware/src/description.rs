@@ -13,6 +13,9 @@
 //! pxm = 4                    # default: 4 + socket index, as on real Grace
 //! retired_pages = ["0x8000001000"]   # inside the carve-out, 4 KiB aligned, at most 4096
 //! # retired_pages_count = 512        # or: this many pages spread through the carve-out
+//! # retired_pages_table = "isolated" # the table alone in the last page of memory the kernel
+//! #                                  # must ioremap, nothing mapped after it (default
+//! #                                  # "firmware": a 64 KiB slot in the firmware region)
 //!
 //! [[gpu]]
 //! model = "gb200"            # gh200-120gb, gh200-480gb, gh200, gb200, gb300; or device_id = 0x2941
@@ -25,6 +28,9 @@
 //! zero_properties = ["nvidia,gpu-mem-size"]
 //! retired_pages_base = "0x0"
 //! ```
+//!
+//! A scenario file may also say which of the suite's tests apply to it, as globs at the top:
+//! `tests = ["kernel_*", "egm_retired_table_limits"]` (default: all of them).
 //!
 //! A key left out takes its default: vCPUs 1, boot `acpi`, one 1 GiB socket without a carve-out,
 //! no GPUs. [`Platform::default`] (used when no description is given) is the Grace-like machine:
@@ -184,6 +190,24 @@ pub struct EgmRegion {
     /// (for table-size scenarios such as 511/512/513 entries).
     #[serde(default)]
     pub retired_pages_count: Option<usize>,
+    /// Where the firmware puts the retired-pages table.
+    #[serde(default)]
+    pub retired_pages_table: TablePlacement,
+}
+
+/// Where the retired-pages table lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TablePlacement {
+    /// A 64 KiB slot in the firmware region (ACPI-reclaim RAM, linear-mapped by the kernel),
+    /// room for the 4096 entries real firmware reserves.
+    #[default]
+    Firmware,
+    /// Alone in the last 4 KiB page of a block outside every memory map, with an unbacked
+    /// hole after it: the kernel must ioremap the table, and a read past that page faults
+    /// (the retired-pages off-by-one shows). The page holds the count and 511 entries; a
+    /// longer table keeps its count, and the entries that do not fit are not there.
+    Isolated,
 }
 
 /// The GPU models the nvgrace-gpu driver knows, by PCI device id.
@@ -346,6 +370,11 @@ pub struct Platform {
     pub sockets: Vec<Socket>,
     #[serde(rename = "gpu", default)]
     pub gpus: Vec<Gpu>,
+    /// A scenario may run only the suite's tests matching these globs (`["kernel_*",
+    /// "egm_retired_table_limits"]`): the rest have nothing to say about its platform, or
+    /// cannot run after what it provokes. Empty: every test.
+    #[serde(default)]
+    pub tests: Vec<String>,
 }
 
 fn default_vcpus() -> u32 {
@@ -371,6 +400,7 @@ impl Default for Platform {
             pxm: None,
             retired_pages: Vec::new(),
             retired_pages_count: None,
+            retired_pages_table: TablePlacement::default(),
         });
         p.gpus.push(Gpu::new(GpuModel::Gb200, 0, GIB));
         p
@@ -391,6 +421,7 @@ impl Platform {
             boot: BootMode::default(),
             sockets: default_sockets(),
             gpus: Vec::new(),
+            tests: Vec::new(),
         }
     }
 

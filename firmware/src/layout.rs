@@ -6,6 +6,7 @@
 //! | 0x00_080A_0000                   | GICv3 redistributors, 128 KiB per vCPU                 |
 //! | 0x00_0900_0000                   | PL011 UART, SPI 1 (INTID 33)                           |
 //! | 0x00_0901_0000                   | gracevm test device (boot timer, checks)               |
+//! | 0x00_0A00_0000 + s * 2 MiB       | socket s isolated retired-pages table block (64 KiB)   |
 //! | 0x00_1000_0000 .. 0x00_3EFF_FFFF | PCIe 32-bit MMIO window; INTx A..D on SPIs 3..6        |
 //! | 0x00_3F00_0000 .. 0x00_3FFF_FFFF | PCIe ECAM, segment 0, buses 0..15                      |
 //! | 0x00_4000_0000 ..                | socket 0 RAM (firmware region, kernel, initrd, DTB)    |
@@ -41,7 +42,7 @@
 
 use std::fmt;
 
-use crate::description::{Platform, Readiness, NVIDIA_VENDOR_ID};
+use crate::description::{Platform, Readiness, TablePlacement, NVIDIA_VENDOR_ID};
 
 /// Bytes in a KiB/MiB/GiB, for readable sizes.
 pub const KIB: u64 = 1 << 10;
@@ -126,6 +127,13 @@ pub const RETIRED_PAGES_SLOT: u64 = 64 * KIB;
 pub const RETIRED_PAGES_MAX: usize = 4096;
 pub const RETIRED_PAGES_TABLE_SIZE: u64 = 8 + 8 * RETIRED_PAGES_MAX as u64;
 
+/// `retired_pages_table = "isolated"`: socket s's table block, in no memory map, with a hole
+/// of at least its own size after it; the table is its last 4 KiB page.
+pub const ISOLATED_TABLE_BASE: u64 = 0x0A00_0000;
+pub const ISOLATED_TABLE_STRIDE: u64 = 2 * MIB;
+pub const ISOLATED_TABLE_BLOCK: u64 = 64 * KIB;
+pub const ISOLATED_TABLE_PAGE: u64 = 4 * KIB;
+
 /// Smallest socket-0 RAM that holds the firmware region, a minimal kernel, an initrd and the
 /// DTB.
 pub const MIN_RAM: u64 = 64 * MIB;
@@ -135,6 +143,10 @@ const _: () = assert!(RETIRED_PAGES_TABLE_SIZE <= RETIRED_PAGES_SLOT);
 const _: () =
     assert!(FW_RETIRED_PAGES_OFFSET + MAX_SOCKETS as u64 * RETIRED_PAGES_SLOT <= FIRMWARE_SIZE);
 const _: () = assert!(MAX_VCPUS >= 64);
+const _: () = assert!(TESTDEV_BASE + TESTDEV_SIZE <= ISOLATED_TABLE_BASE);
+const _: () =
+    assert!(ISOLATED_TABLE_BASE + MAX_SOCKETS as u64 * ISOLATED_TABLE_STRIDE <= PCI_MMIO32_BASE);
+const _: () = assert!(2 * ISOLATED_TABLE_BLOCK <= ISOLATED_TABLE_STRIDE);
 
 /// Where the redistributor region of `vcpus` vCPUs ends (exclusive).
 pub fn gic_redist_size(vcpus: u32) -> u64 {
@@ -163,6 +175,14 @@ pub fn egm_default_base(s: usize) -> u64 {
 /// Guest physical address of socket `s`'s retired-pages table.
 pub fn retired_pages_table(s: usize) -> u64 {
     FIRMWARE_BASE + FW_RETIRED_PAGES_OFFSET + s as u64 * RETIRED_PAGES_SLOT
+}
+
+/// Socket `s`'s isolated table block.
+pub fn isolated_table_block(s: usize) -> GuestRange {
+    GuestRange::new(
+        ISOLATED_TABLE_BASE + s as u64 * ISOLATED_TABLE_STRIDE,
+        ISOLATED_TABLE_BLOCK,
+    )
 }
 
 /// PCI device number of GPU `n` on bus 0 (function 0).
@@ -233,6 +253,18 @@ pub struct CarveOut {
     pub retired_pages: Vec<u64>,
     /// Guest physical address of this carve-out's retired-pages table.
     pub retired_pages_table: u64,
+    /// The table's own block when it is isolated (`None`: in the firmware region).
+    pub table_block: Option<GuestRange>,
+}
+
+impl CarveOut {
+    /// Bytes of table the firmware can write at `retired_pages_table`.
+    pub fn table_room(&self) -> u64 {
+        match self.table_block {
+            Some(block) => block.end() - self.retired_pages_table,
+            None => RETIRED_PAGES_SLOT,
+        }
+    }
 }
 
 /// One GPU function: where it sits on PCI and where its memory is.
@@ -289,7 +321,16 @@ impl MemoryMap {
                         egm.size.0,
                     ),
                     retired_pages: egm.retired_pages.iter().map(|a| a.0).collect(),
-                    retired_pages_table: retired_pages_table(i),
+                    retired_pages_table: match egm.retired_pages_table {
+                        TablePlacement::Firmware => retired_pages_table(i),
+                        TablePlacement::Isolated => {
+                            isolated_table_block(i).end() - ISOLATED_TABLE_PAGE
+                        }
+                    },
+                    table_block: match egm.retired_pages_table {
+                        TablePlacement::Firmware => None,
+                        TablePlacement::Isolated => Some(isolated_table_block(i)),
+                    },
                 });
             }
         }

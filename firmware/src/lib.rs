@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub use acpi::AcpiTable;
 pub use description::{
-    Addr, BootMode, EgmRegion, Gpu, GpuModel, Platform, Readiness, Size, Socket,
+    Addr, BootMode, EgmRegion, Gpu, GpuModel, Platform, Readiness, Size, Socket, TablePlacement,
 };
 pub use fdt::{build_dtb, BootParams};
 pub use layout::{CarveOut, GpuFunction, GuestRange, MemoryMap, SocketRam};
@@ -67,6 +67,9 @@ pub struct Firmware {
     pub acpi_tables: Vec<AcpiTable>,
     /// The EFI memory map as placed in the blob; empty in DT mode.
     pub efi_memory_map: Vec<efi::MemoryDescriptor>,
+    /// Retired-pages tables outside the firmware region (`retired_pages_table = "isolated"`):
+    /// guest address and bytes, each inside its carve-out's `table_block`.
+    pub isolated_tables: Vec<(u64, Vec<u8>)>,
 }
 
 /// The `nvidia,*` properties of GPU `g` (u64 values, in emission order), with its fault knobs
@@ -134,10 +137,17 @@ pub fn build(platform: &Platform, boot: &BootParams) -> Result<Firmware, Error> 
 
     // Retired-pages tables: one slot per socket with a carve-out, each a zeroed 64 KiB slot
     // (at least one zeroed page, as real firmware provides) with the count and addresses.
+    // An isolated table gets only the room its page has: the count always, then as many
+    // entries as fit.
+    let mut isolated_tables = Vec::new();
     for c in &map.carve_outs {
         let mut slot = retired_pages_table(&c.retired_pages);
-        slot.resize(layout::RETIRED_PAGES_SLOT as usize, 0);
-        place(&mut blob, c.retired_pages_table, &slot);
+        slot.resize(c.table_room() as usize, 0);
+        if c.table_block.is_some() {
+            isolated_tables.push((c.retired_pages_table, slot));
+        } else {
+            place(&mut blob, c.retired_pages_table, &slot);
+        }
     }
 
     let (dtb, extra_cmdline, acpi_tables, efi_memory_map) = match platform.boot {
@@ -201,6 +211,7 @@ pub fn build(platform: &Platform, boot: &BootParams) -> Result<Firmware, Error> 
         extra_cmdline,
         acpi_tables,
         efi_memory_map,
+        isolated_tables,
     })
 }
 

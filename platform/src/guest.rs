@@ -19,19 +19,22 @@ pub enum Mode {
     /// Run a command, then power off.
     Run(String),
     /// Run the in-guest KTAP suite, then power off.
-    Test(Expect),
+    Test(TestRequest),
 }
 
-/// Features the kernel under test must have: the suite fails, rather than skips, the tests of
-/// a feature listed here when the kernel lacks it.
+/// What a test run asks of the suite beyond the platform.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Expect {
-    pub features: Vec<String>,
+pub struct TestRequest {
+    /// Features the kernel under test must have: the suite fails, rather than skips, the tests
+    /// of a feature listed here when the kernel lacks it.
+    pub expect: Vec<String>,
     /// Why (shown in the failures): "--expect egm", or what the build saw in the tree.
     pub why: String,
+    /// Only the tests matching these globs (`--tests`; empty: all).
+    pub tests: Vec<String>,
 }
 
-impl Expect {
+impl TestRequest {
     /// Features `--expect` knows.
     pub const KNOWN: &'static [&'static str] = &["egm"];
 }
@@ -66,10 +69,16 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
         }
         .into(),
     );
-    if let Mode::Test(expect) = mode {
-        if !expect.features.is_empty() {
-            put("EXPECT", shell_quote(&expect.features.join(" ")));
-            put("EXPECT_WHY", shell_quote(&expect.why));
+    if !platform.tests.is_empty() {
+        put("TESTS", shell_quote(&platform.tests.join(" ")));
+    }
+    if let Mode::Test(request) = mode {
+        if !request.expect.is_empty() {
+            put("EXPECT", shell_quote(&request.expect.join(" ")));
+            put("EXPECT_WHY", shell_quote(&request.why));
+        }
+        if !request.tests.is_empty() {
+            put("TESTS_SELECTED", shell_quote(&request.tests.join(" ")));
         }
     }
     if let Mode::Run(cmd) = mode {
@@ -110,6 +119,14 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
         })
         .collect();
     put("EGM_RETIRED_PAGES", shell_quote(&retired.join(" ")));
+    // Per carve-out: `pxm:bytes`, the room the firmware gave its table (a table longer than
+    // its room is cut short: the driver must refuse it rather than read past the room).
+    let room: Vec<String> = map
+        .carve_outs
+        .iter()
+        .map(|c| format!("{}:{}", c.pxm, c.table_room()))
+        .collect();
+    put("EGM_TABLE_ROOM", shell_quote(&room.join(" ")));
     let gpus: Vec<String> = map
         .gpus
         .iter()
@@ -298,16 +315,16 @@ mod tests {
             load: vec!["nvgrace-egm".into(), "nvgrace-gpu-vfio-pci".into()],
         };
         let p = Platform::default();
-        let env = env_file(&p, &Mode::Test(Expect::default()), Some(&m));
+        let env = env_file(&p, &Mode::Test(TestRequest::default()), Some(&m));
         assert!(env.contains("GRACEVM_MODULES_RELEASE='7.3.4'\n"), "{env}");
         assert!(
             env.contains("GRACEVM_MODPROBE='nvgrace-egm nvgrace-gpu-vfio-pci'\n"),
             "{env}"
         );
-        let data = initrd(&base, &p, &Mode::Test(Expect::default()), Some(&m)).unwrap();
+        let data = initrd(&base, &p, &Mode::Test(TestRequest::default()), Some(&m)).unwrap();
         assert!(data.starts_with(b"070701base\0\0"));
         assert!(data.ends_with(&m.tree.archive));
-        let without = initrd(&base, &p, &Mode::Test(Expect::default()), None).unwrap();
+        let without = initrd(&base, &p, &Mode::Test(TestRequest::default()), None).unwrap();
         assert!(without.len() < data.len() && !without.ends_with(&m.tree.archive));
     }
 

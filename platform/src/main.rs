@@ -15,7 +15,7 @@ use log::info;
 use firmware::{Platform, Size};
 
 use gracevm::exit::{self, Status};
-use gracevm::guest::{Expect, Mode};
+use gracevm::guest::{Mode, TestRequest};
 use gracevm::harness::{
     self,
     report::{evaluate, ScenarioResult, Summary},
@@ -148,6 +148,15 @@ struct GuestArgs {
     /// Why the features are expected (shown in the failures).
     #[arg(long, env = "GRACEVM_EXPECT_WHY", hide = true)]
     expect_why: Option<String>,
+    /// Run only the guest tests matching these globs (`egm_*,kernel_log_boot`); a scenario's
+    /// own `tests` list still applies.
+    #[arg(
+        long,
+        env = "GRACEVM_TESTS",
+        value_name = "GLOB,...",
+        value_delimiter = ','
+    )]
+    tests: Vec<String>,
     #[command(flatten)]
     level1: Level1Args,
 }
@@ -291,11 +300,11 @@ impl Resolved {
         if let Some(f) = a
             .expect
             .iter()
-            .find(|f| !f.trim().is_empty() && !Expect::KNOWN.contains(&f.trim()))
+            .find(|f| !f.trim().is_empty() && !TestRequest::KNOWN.contains(&f.trim()))
         {
             return usage(format!(
                 "--expect {f}: unknown feature (known: {})",
-                Expect::KNOWN.join(", ")
+                TestRequest::KNOWN.join(", ")
             ));
         }
         let platform = platform_for(a)?;
@@ -364,21 +373,25 @@ impl Resolved {
         }
     }
 
-    /// What the kernel under test must have (`--expect`).
-    fn expect(&self) -> Expect {
-        let features: Vec<String> = self
-            .args
-            .expect
-            .iter()
-            .map(|f| f.trim().to_string())
-            .filter(|f| !f.is_empty())
-            .collect();
+    /// What the run asks of the suite (`--expect`, `--tests`).
+    fn request(&self) -> TestRequest {
+        let words = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|f| f.trim().to_string())
+                .filter(|f| !f.is_empty())
+                .collect()
+        };
+        let expect = words(&self.args.expect);
         let why = self
             .args
             .expect_why
             .clone()
-            .unwrap_or_else(|| format!("--expect {}", features.join(",")));
-        Expect { features, why }
+            .unwrap_or_else(|| format!("--expect {}", expect.join(",")));
+        TestRequest {
+            expect,
+            why,
+            tests: words(&self.args.tests),
+        }
     }
 
     fn timeout(&self, default: Option<u64>) -> Option<Duration> {
@@ -440,10 +453,13 @@ impl Resolved {
         if !self.args.append.is_empty() {
             v.extend(["--append".into(), self.args.append.clone()]);
         }
-        let expect = self.expect();
-        if !expect.features.is_empty() {
-            v.extend(["--expect".into(), expect.features.join(",")]);
-            v.extend(["--expect-why".into(), expect.why]);
+        let request = self.request();
+        if !request.expect.is_empty() {
+            v.extend(["--expect".into(), request.expect.join(",")]);
+            v.extend(["--expect-why".into(), request.why]);
+        }
+        if !request.tests.is_empty() {
+            v.extend(["--tests".into(), request.tests.join(",")]);
         }
         if let Some(t) = timeout {
             v.extend(["--timeout".into(), t.as_secs().to_string()]);
@@ -724,7 +740,7 @@ fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Resul
     );
     let report = match boot_direct(
         g,
-        &Mode::Test(g.expect()),
+        &Mode::Test(g.request()),
         Box::new(sink),
         false,
         timeout,

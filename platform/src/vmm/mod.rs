@@ -127,6 +127,12 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         .map(|r| (r.range.base, r.range.size))
         .collect();
     ranges.extend(map.carve_outs.iter().map(|c| (c.range.base, c.range.size)));
+    ranges.extend(
+        map.carve_outs
+            .iter()
+            .filter_map(|c| c.table_block)
+            .map(|b| (b.base, b.size)),
+    );
     ranges.extend(map.gpus.iter().map(|g| (g.memory.base, g.memory.size)));
     ranges.sort_unstable();
     let mem = memory::create(&vm, &ranges)?;
@@ -177,6 +183,10 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let fw = firmware::build(platform, &boot)?;
     mem.write_slice(&fw.blob, GuestAddress(layout::FIRMWARE_BASE))
         .context("writing the firmware blob")?;
+    for (addr, table) in &fw.isolated_tables {
+        mem.write_slice(table, GuestAddress(*addr))
+            .with_context(|| format!("writing the retired-pages table at {addr:#x}"))?;
+    }
     mem.write_slice(&fw.dtb, GuestAddress(dtb_addr))
         .context("writing the DTB")?;
     vcpu::set_boot_regs(&vcpus[0], entry, dtb_addr)?;

@@ -6,6 +6,7 @@
 
 use std::process::ExitCode;
 
+use gracevm_contract::protocol;
 use guest_suite::registry::{self, Test};
 use guest_suite::{env, runner, suites};
 
@@ -50,13 +51,22 @@ fn main() -> ExitCode {
         }
         tests = chosen;
     }
+    // With no names on the command line: the scenario's `tests` globs and the run's `--tests`.
+    let env = env::GuestEnv::load();
+    if args.iter().all(|a| a.starts_with('-')) {
+        for key in ["GRACEVM_TESTS", "GRACEVM_TESTS_SELECTED"] {
+            if let Some(globs) = env.get(key) {
+                tests.retain(|t| protocol::selected(globs, t.name));
+            }
+        }
+    }
     if list {
         for test in &tests {
             println!("{}", test.name);
         }
         return ExitCode::SUCCESS;
     }
-    let warnings = env::GuestEnv::load().warnings;
+    let warnings = env.warnings;
     let totals = runner::run_all(&tests, &warnings);
     if totals.fail == 0 {
         ExitCode::SUCCESS
