@@ -28,9 +28,16 @@ if [ -d "$series" ]; then
     [ ${#files[@]} -gt 0 ] || die "no *.patch, *.mbx, *.eml or *.mbox files in $series"
     i=0
     for f in "${files[@]}"; do
-        # A file may itself hold several messages.
+        # A file may itself hold several messages (an mbox, starting "From "), or be one mail
+        # saved from a mail client or an archive (headers first, no mbox separator).
         mkdir -p "$work/one"
-        git mailsplit -o"$work/one" "$f" >/dev/null 2>&1 || die "$(basename "$f") is not a patch email"
+        if head -n 1 "$f" | grep -q '^From '; then
+            git mailsplit -o"$work/one" "$f" >/dev/null 2>&1 || die "$(basename "$f") is not a patch email"
+        elif head -n 20 "$f" | grep -qi '^Subject:'; then
+            cp "$f" "$work/one/0001"
+        else
+            die "$(basename "$f") is neither an mbox nor a mail (no 'From ' line, no Subject: header)"
+        fi
         for m in $(ls "$work/one" | sort); do
             i=$((i + 1))
             mv "$work/one/$m" "$work/split/$(printf '%04d' $i)"

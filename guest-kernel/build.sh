@@ -46,8 +46,8 @@ die() { printf 'kernel build failed: %s\n' "$*" >&2; exit 1; }
 fragments=("$here/fragments/base.config" "$here/fragments/vfio.config" "$here/fragments/level1.config")
 [ -z "$debug" ] || fragments+=("$here/fragments/debug.config")
 gpu_dir=$src/drivers/vfio/pci/nvgrace-gpu
-egm_evidence=$( { find "$gpu_dir" -maxdepth 1 -iname '*egm*' 2>/dev/null | head -n 1 | sed "s|^$src/||";
-                  grep -ls 'config NVGRACE_EGM' "$gpu_dir/Kconfig" 2>/dev/null | sed "s|^$src/||"; } | head -n 1)
+egm_evidence=$( { find "$gpu_dir" -maxdepth 1 -iname '*egm*' 2>/dev/null | sort | head -n 1;
+                  grep -ls 'config NVGRACE_EGM' "$gpu_dir/Kconfig" 2>/dev/null; } | head -n 1 | sed "s|^$src/||" || true)
 if [ -n "$egm_evidence" ]; then
     step "tree carries the EGM driver ($egm_evidence): enabling CONFIG_NVGRACE_EGM"
     fragments+=("$here/fragments/egm.config")

@@ -484,6 +484,7 @@ mod tests {
                 pxm: None,
                 retired_pages: vec![],
                 retired_pages_count: None,
+                retired_pages_table: Default::default(),
             }),
         });
         p.gpus.push(Gpu::new(GpuModel::Gb200, 0, GIB));

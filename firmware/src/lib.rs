@@ -280,6 +280,31 @@ mod tests {
     }
 
     #[test]
+    fn test_build_isolated_table_is_cut_to_its_page() {
+        let text = "[[socket]]\nram = \"1G\"\n[socket.egm]\nsize = \"1G\"\n\
+                    retired_pages_count = 512\nretired_pages_table = \"isolated\"\n\
+                    [[gpu]]\nmem_size = \"1G\"\n";
+        let p = Platform::from_toml(text, "t").unwrap();
+        let map = p.memory_map();
+        let c = &map.carve_outs[0];
+        let block = c.table_block.unwrap();
+        assert_eq!(c.retired_pages_table, block.end() - 4096);
+        assert!(!map.ram.iter().any(|r| r.range.overlaps(&block)));
+        let fw = build(&p, &BootParams::default()).unwrap();
+        assert_eq!(fw.isolated_tables.len(), 1);
+        let (addr, bytes) = &fw.isolated_tables[0];
+        assert_eq!(*addr, c.retired_pages_table);
+        assert_eq!(bytes.len(), 4096, "the count and 511 entries: one page");
+        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), 512);
+        assert_eq!(
+            u64::from_le_bytes(bytes[4088..].try_into().unwrap()),
+            c.retired_pages[510]
+        );
+        let props = gpu_properties(&p, &map, &map.gpus[0]);
+        assert!(props.contains(&(EGM_RETIRED_PAGES_DATA_BASE, c.retired_pages_table)));
+    }
+
+    #[test]
     fn test_build_retired_pages_table_in_blob() {
         let mut p = Platform::default();
         p.sockets[0].egm.as_mut().unwrap().retired_pages =

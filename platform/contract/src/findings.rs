@@ -14,6 +14,9 @@ pub struct Finding {
     pub summary: &'static str,
     /// The review mail.
     pub message_id: &'static str,
+    /// Still open in the newest revision (v2): reproducing it is an expected failure (XFAIL).
+    /// A v1 finding that v2 fixed is a regression when it reappears: it fails, by name.
+    pub open: bool,
 }
 
 impl fmt::Display for Finding {
@@ -33,6 +36,7 @@ pub const UNBIND_WHILE_OPEN: Finding = Finding {
               open or mapped; release touches freed memory and the old mapping still reaches \
               the carve-out",
     message_id: "<20260304150437.50503b55@shazbot.org>",
+    open: true,
 };
 
 pub const RETIRED_OFF_BY_ONE: Finding = Finding {
@@ -41,6 +45,7 @@ pub const RETIRED_OFF_BY_ONE: Finding = Finding {
     summary: "count > PAGE_SIZE/8 lets 512 entries through: entry 512 is read past the \
               one-page memremap of the retired-pages table",
     message_id: "<20260304153700.59fa72d2@shazbot.org>",
+    open: true,
 };
 
 pub const AUX_ADD_DOUBLE_FREE: Finding = Finding {
@@ -48,6 +53,7 @@ pub const AUX_ADD_DOUBLE_FREE: Finding = Finding {
     patch: "v2 02/15",
     summary: "double free when auxiliary_device_add fails",
     message_id: "<20260303171349.36be0589@shazbot.org>",
+    open: true,
 };
 
 pub const SHARED_REGION_UAF: Finding = Finding {
@@ -56,6 +62,7 @@ pub const SHARED_REGION_UAF: Finding = Finding {
     summary: "use-after-free when the second GPU of a shared region fails to attach: the \
               region entry is freed while still on the list",
     message_id: "<20260304101409.3c069046@shazbot.org>",
+    open: true,
 };
 
 pub const NO_LOCKING: Finding = Finding {
@@ -64,6 +71,7 @@ pub const NO_LOCKING: Finding = Finding {
     summary: "region and GPU lists unprotected against parallel probes; the retired-pages \
               hash updated by memory-failure handling while the ioctl walks it",
     message_id: "<20260304160055.38ea91be@shazbot.org>",
+    open: true,
 };
 
 pub const MINOR_NUMBERS: Finding = Finding {
@@ -71,6 +79,7 @@ pub const MINOR_NUMBERS: Finding = Finding {
     patch: "v2 06/15, 14/15",
     summary: "minor number = PXM, outside the reserved minors 0..3",
     message_id: "v2 06/15 review",
+    open: true,
 };
 
 pub const MAP_PRIVATE: Finding = Finding {
@@ -78,6 +87,7 @@ pub const MAP_PRIVATE: Finding = Finding {
     patch: "v1, still in v2",
     summary: "MAP_PRIVATE accepted: writes go to COW pages, not to EGM",
     message_id: "v1 review (Jason Gunthorpe), still in v2",
+    open: true,
 };
 
 pub const V1_MMAP_BOUNDS: Finding = Finding {
@@ -86,6 +96,7 @@ pub const V1_MMAP_BOUNDS: Finding = Finding {
     summary: "mmap ignores the offset and the length: a mapping larger than the region, or at \
               an offset, maps from the base and past the end",
     message_id: "<20250905133624.GF616306@nvidia.com>",
+    open: false,
 };
 
 pub const V1_MULTI_OPEN: Finding = Finding {
@@ -93,6 +104,7 @@ pub const V1_MULTI_OPEN: Finding = Finding {
     patch: "v1",
     summary: "a second open() succeeds without private_data: mmap/ioctl on it dereference NULL",
     message_id: "v1 review",
+    open: false,
 };
 
 pub const V1_MODULE_EXIT: Finding = Finding {
@@ -101,6 +113,15 @@ pub const V1_MODULE_EXIT: Finding = Finding {
     summary: "module exit destroys the class before unregistering the aux driver: rmmod with \
               devices bound touches a destroyed class",
     message_id: "v1 review",
+    open: false,
+};
+
+pub const V1_RETIRED_UNCHECKED: Finding = Finding {
+    key: "v1-retired-unchecked",
+    patch: "v1",
+    summary: "the retired-pages count is not checked: any count reads past the one-page mapping",
+    message_id: "v1 review",
+    open: false,
 };
 
 /// Every finding, for listings.
@@ -115,6 +136,7 @@ pub const ALL: &[Finding] = &[
     V1_MMAP_BOUNDS,
     V1_MULTI_OPEN,
     V1_MODULE_EXIT,
+    V1_RETIRED_UNCHECKED,
 ];
 
 #[cfg(test)]

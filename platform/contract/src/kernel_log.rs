@@ -142,7 +142,8 @@ pub fn strip_prefix(line: &str) -> &str {
 
 /// The kind of report `line` starts, if it is a report header.
 pub fn classify(line: &str) -> Option<Kind> {
-    let s = strip_prefix(line);
+    // Judged on what a report keeps of its header (the first LINE_MAX bytes).
+    let s = head_of(strip_prefix(line));
     if s.starts_with("Kernel panic - not syncing") {
         return Some(Kind::Panic);
     }
@@ -253,15 +254,20 @@ impl Scanner {
 /// Lines longer than this are cut (a record is at most about 1 KiB anyway).
 const LINE_MAX: usize = 1024;
 
-fn bounded(text: &str) -> String {
+/// The first [`LINE_MAX`] bytes of `text` (cut on a char boundary).
+fn head_of(text: &str) -> &str {
     if text.len() <= LINE_MAX {
-        return text.to_string();
+        return text;
     }
     let mut end = LINE_MAX;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].to_string()
+    &text[..end]
+}
+
+fn bounded(text: &str) -> String {
+    head_of(text).to_string()
 }
 
 fn push_bounded(lines: &mut Vec<String>, text: &str) {

@@ -195,6 +195,20 @@ pub fn retired_tables(env: &GuestEnv) -> Result<Option<Vec<RetiredTable>>, Outco
     }
 }
 
+/// `GRACEVM_EGM_TABLE_ROOM`: per carve-out PXM, the bytes the firmware gave its retired-pages
+/// table (`pxm:bytes ...`). A table longer than its room was cut short by the firmware.
+pub const TABLE_ROOM: &str = "GRACEVM_EGM_TABLE_ROOM";
+
+/// How many entries the table of carve-out `pxm` has room for (`None`: not said).
+pub fn table_room_entries(env: &GuestEnv, pxm: u32) -> Option<usize> {
+    env.get(TABLE_ROOM)?
+        .split_whitespace()
+        .filter_map(|entry| entry.split_once(':'))
+        .find(|(p, _)| p.parse::<u32>().ok() == Some(pxm))
+        .and_then(|(_, bytes)| bytes.parse::<u64>().ok())
+        .map(|bytes| (bytes.saturating_sub(8) / 8) as usize)
+}
+
 // ---------------------------------------------------------------------------------------------
 // What the v2 drivers make of the properties
 // ---------------------------------------------------------------------------------------------
@@ -657,6 +671,15 @@ pub fn unbind_gpu(bdf: &str) -> Result<Duration, String> {
     }
     write_sysfs(&format!("{PCI_DEVICES}/{bdf}/driver/unbind"), bdf)
         .map_err(|e| format!("unbinding {bdf}: {e}"))?;
+    Ok(start.elapsed())
+}
+
+/// Removes the GPU's PCI device (`/sys/bus/pci/devices/<bdf>/remove`): its driver's remove
+/// runs and the device is gone until a rescan.
+pub fn remove_pci_device(bdf: &str) -> Result<Duration, String> {
+    let start = Instant::now();
+    write_sysfs(&format!("{PCI_DEVICES}/{bdf}/remove"), "1")
+        .map_err(|e| format!("removing {bdf}: {e}"))?;
     Ok(start.elapsed())
 }
 
