@@ -44,18 +44,25 @@ ifneq ($(KSRC),)
 KSRC_ABS     := $(abspath $(KSRC))
 GUEST_KBUILD := $(CACHE)/build/ksrc-$(shell printf '%s' '$(KSRC_ABS)' | md5sum | cut -c1-12)
 else ifneq ($(PATCHES),)
+# A series is a branch of the default source tree (apply-patches.sh), built in a directory
+# seeded from the default build: only what the series changes is compiled.
 PATCHES_ABS  := $(abspath $(PATCHES))
 PATCH_KEY    := $(shell { test -d '$(PATCHES_ABS)' && find '$(PATCHES_ABS)' -maxdepth 1 -type f | sort | xargs cat; test -f '$(PATCHES_ABS)' && cat '$(PATCHES_ABS)'; } 2>/dev/null | md5sum | cut -c1-12)
-PATCHED_SRC  := $(CACHE)/src/patched-$(PATCH_KEY)
 GUEST_KBUILD := $(CACHE)/build/patched-$(PATCH_KEY)
 else
 GUEST_KBUILD := $(DEFAULT_KBUILD)
 endif
 # DEBUG=1: the same tree with fragments/debug.config, in a build directory of its own (the
 # level-1 kernel of the nested route stays the plain default one).
+SEED_KBUILD := $(DEFAULT_KBUILD)
+KERNEL_DEPS := default-kernel
 ifneq ($(DEBUG),)
 GUEST_KBUILD := $(GUEST_KBUILD)-debug
 BUILD_FLAGS  := --debug
+SEED_KBUILD  := $(DEFAULT_KBUILD)-debug
+ifeq ($(KSRC)$(KERNEL),)
+KERNEL_DEPS  += default-debug-kernel
+endif
 endif
 GUEST_IMAGE := $(if $(KERNEL),$(abspath $(KERNEL)),$(GUEST_KBUILD)/arch/arm64/boot/Image)
 # Its modules (the nvgrace drivers are modules): MODULES= (an INSTALL_MOD_PATH, needed with a
@@ -99,7 +106,7 @@ export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
 
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 
-.PHONY: help deps kernel default-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
+.PHONY: help deps kernel default-kernel default-debug-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -133,14 +140,21 @@ $(BUSYBOX):
 
 # --- kernels ------------------------------------------------------------------------------
 default-kernel: deps
-	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/build.sh "$$src" $(DEFAULT_KBUILD)
+	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/apply-patches.sh "$$src" && \
+	    guest-kernel/build.sh "$$src" $(DEFAULT_KBUILD)
+
+# DEBUG=1: the default source with the debug fragment; a series' debug build is seeded from it.
+default-debug-kernel: default-kernel
+	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/apply-patches.sh "$$src" && \
+	    guest-kernel/build.sh --debug "$$src" $(DEFAULT_KBUILD)-debug
 
 # The DEBUG=1 configuration must keep surviving Kconfig on the default source, though the
 # default `make test` does not build it (CI's time): configure only, in a scratch directory.
 debug-config: deps
-	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/build.sh --debug --config-only "$$src" $(CACHE)/build/debug-config-check
+	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/apply-patches.sh "$$src" && \
+	    guest-kernel/build.sh --debug --config-only "$$src" $(CACHE)/build/debug-config-check
 
-kernel: default-kernel
+kernel: $(KERNEL_DEPS)
 ifneq ($(KERNEL),)
 	@test -f $(GUEST_IMAGE) || { echo "KERNEL=$(KERNEL): no such file (pass an arm64 Image)" >&2; exit 2; }
 else ifneq ($(KSRC),)
@@ -149,10 +163,8 @@ else ifneq ($(KSRC),)
 	@guest-kernel/build.sh $(BUILD_FLAGS) $(KSRC_ABS) $(GUEST_KBUILD)
 else ifneq ($(PATCHES),)
 	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && \
-	    guest-kernel/apply-patches.sh "$$src" $(PATCHES_ABS) $(PATCHED_SRC)
-	@guest-kernel/build.sh $(BUILD_FLAGS) $(PATCHED_SRC) $(GUEST_KBUILD)
-else ifneq ($(DEBUG),)
-	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/build.sh --debug "$$src" $(GUEST_KBUILD)
+	    guest-kernel/apply-patches.sh "$$src" $(PATCHES_ABS) && \
+	    guest-kernel/build.sh $(BUILD_FLAGS) --seed $(SEED_KBUILD) "$$src" $(GUEST_KBUILD)
 endif
 
 # --- gracevm and the guest's userspace ----------------------------------------------------

@@ -1,21 +1,51 @@
 #!/usr/bin/env bash
-# Apply a patch series (an mbox, or a directory of *.patch / *.mbx / *.eml files in name order)
-# onto a copy of a kernel source tree, as git commits.
+# Check out a patch series (an mbox, a directory of *.patch / *.mbx / *.eml files in name
+# order, or single mails saved from a client) in the shared kernel source tree, as a branch.
 #
-#   apply-patches.sh SRC SERIES DEST
+#   apply-patches.sh REPO SERIES     # branch series/<checksum>: base + the series, checked out
+#   apply-patches.sh REPO            # back to the unpatched source (branch base)
 #
-# SRC is never modified. Each patch goes in with `git am`; a patch that git am refuses (a
-# series posted against an older kernel often needs fuzz) is retried with `patch -p1` and
-# committed with its own subject, and the script says so. A patch neither can apply stops
-# everything with a message naming it. DEST/.gracevm-series records the series' checksum, so
-# an unchanged series is not applied again.
+# REPO is the default source tree; the first call makes it a git repository whose branch
+# `base` is the tree as unpacked. Every series is a branch off base in the same directory, so
+# a kernel build of a series (its build directory seeded from the default build) recompiles
+# only the files the series changes: Kbuild keys its decisions on file times and on command
+# lines, which hold the source path. Switching back and forth touches only those files.
+#
+# Each patch goes in with `git am`; a patch that git am refuses (a series posted against an
+# older kernel often needs fuzz) is retried with `patch -p1` and committed with its own
+# subject, and the script says so. A patch neither can apply stops everything with a message
+# naming it; the tree is left on base and the half-made branch is deleted. An unchanged series
+# is not applied again: its branch is checked out.
 set -euo pipefail
 
-src=${1:?usage: apply-patches.sh SRC SERIES DEST}
-series=${2:?usage: apply-patches.sh SRC SERIES DEST}
-dest=${3:?usage: apply-patches.sh SRC SERIES DEST}
+repo=${1:?usage: apply-patches.sh REPO [SERIES]}
+series=${2:-}
 say() { printf '[patches] %s\n' "$*" >&2; }
 die() { printf 'patch series: %s\n' "$*" >&2; exit 1; }
+
+[ -d "$repo" ] || die "$repo is not a directory"
+export GIT_AUTHOR_NAME=gracevm GIT_AUTHOR_EMAIL=gracevm@localhost
+export GIT_COMMITTER_NAME=gracevm GIT_COMMITTER_EMAIL=gracevm@localhost
+g() { git -C "$repo" "$@"; }
+
+if ! g rev-parse -q --verify refs/heads/base >/dev/null 2>&1; then
+    [ ! -e "$repo/.git" ] || die "$repo is a git repository without a 'base' branch: not one gracevm made"
+    say "recording $(basename "$repo") as branch base (once)"
+    g init -q -b base
+    g config core.autocrlf false
+    g add -f -A  # Debian's linux-source .gitignore ignores everything at the top level
+    g commit -q -m "$(basename "$repo")"
+fi
+
+# Never lose work: the tree must be as its branch has it before switching.
+if [ -n "$(g status --porcelain --untracked-files=no)" ]; then
+    die "$repo has local changes (git -C $repo status): gracevm only switches a clean tree"
+fi
+
+if [ -z "$series" ]; then
+    [ "$(g symbolic-ref --short HEAD)" = base ] || g checkout -q base
+    exit 0
+fi
 
 [ -e "$series" ] || die "$series does not exist (PATCHES= takes an mbox file or a directory of patches)"
 work=$(mktemp -d)
@@ -54,41 +84,41 @@ done
 mapfile -t patches < <(ls "$work/split" | sort)
 [ ${#patches[@]} -gt 0 ] || die "no patch with a diff in $series"
 sum=$(cat "$work/split/"* | sha256sum | cut -c1-16)
+branch=series/$sum
 
-if [ -f "$dest/.gracevm-series" ] && [ "$(cat "$dest/.gracevm-series")" = "$sum" ]; then
-    say "series already applied in $dest"
+if g rev-parse -q --verify "refs/heads/$branch" >/dev/null; then
+    [ "$(g symbolic-ref --short HEAD)" = "$branch" ] || g checkout -q "$branch"
+    say "series already applied: branch $branch"
     exit 0
 fi
 
-say "copying $(basename "$src") to $dest"
-rm -rf "$dest"
-mkdir -p "$(dirname "$dest")"
-cp -a "$src" "$dest"
-cd "$dest"
-export GIT_AUTHOR_NAME=gracevm GIT_AUTHOR_EMAIL=gracevm@localhost
-export GIT_COMMITTER_NAME=gracevm GIT_COMMITTER_EMAIL=gracevm@localhost
-git init -q
-git add -f -A  # Debian's linux-source .gitignore ignores everything at the top level
-git commit -q -m "$(basename "$src")"
-
-say "applying ${#patches[@]} patches"
+g checkout -q -b "$branch" base
+fail() {
+    g am --abort >/dev/null 2>&1 || true
+    g reset -q --hard
+    g clean -q -fdx
+    g checkout -q base
+    g branch -q -D "$branch"
+    die "$*"
+}
+say "applying ${#patches[@]} patches on branch $branch"
 for p in "${patches[@]}"; do
     f="$work/split/$p"
     subject=$(sed -n 's/^Subject: *//p' "$f" | head -n 1)
-    if git am -q --keep-cr "$f" >"$work/am.log" 2>&1; then
+    if g am -q --keep-cr "$f" >"$work/am.log" 2>&1; then
         say "applied: $subject"
         continue
     fi
-    git am --abort >/dev/null 2>&1 || true
-    if patch -p1 --forward --fuzz=2 --no-backup-if-mismatch -s < "$f" >"$work/patch.log" 2>&1; then
-        git add -f -A
-        git commit -q -m "$subject" -m "(applied by gracevm with patch -p1 after git am refused it)"
+    g am --abort >/dev/null 2>&1 || true
+    popts=(-p1 --forward --fuzz=2 --no-backup-if-mismatch -s)
+    if (cd "$repo" && patch --dry-run "${popts[@]}" < "$f" && patch "${popts[@]}" < "$f") >"$work/patch.log" 2>&1; then
+        g add -f -A
+        g commit -q -m "$subject" -m "(applied by gracevm with patch -p1 after git am refused it)"
         say "applied with fuzz (git am refused it): $subject"
         sed 's/^/[patches]   /' "$work/patch.log" >&2 || true
         continue
     fi
     sed 's/^/  /' "$work/am.log" "$work/patch.log" >&2
-    die "'$subject' does not apply to $(basename "$src") (neither git am nor patch -p1); nothing was built"
+    fail "'$subject' does not apply to $(basename "$repo") (neither git am nor patch -p1); nothing was built"
 done
-echo "$sum" > .gracevm-series
-say "series applied: $dest"
+say "series applied: branch $branch of $repo"

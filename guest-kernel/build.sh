@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build an arm64 Image out of tree: allnoconfig + the fragments beside this script.
 #
-#   build.sh [--debug] [--config-only] SRC BUILD_DIR   # writes BUILD_DIR/arch/arm64/boot/Image
+#   build.sh [--debug] [--config-only] [--seed DIR] SRC BUILD_DIR   # writes BUILD_DIR/arch/arm64/boot/Image
 #
 # --debug adds fragments/debug.config (KASAN, KFENCE, UBSAN, lockdep, ...); --config-only stops
-# after checking that every fragment option survives Kconfig (nothing is built or written).
+# after checking that every fragment option survives Kconfig (nothing is built or written);
+# --seed DIR starts a BUILD_DIR that has never been built as a copy of DIR, a build of the same
+# SRC path (another branch of it): Kbuild then recompiles only what differs.
 #
 # and, when the config has modules (the nvgrace drivers are modules, see fragments/vfio.config),
 # BUILD_DIR/modules/lib/modules/<release>/: the installed module tree gracevm hands the guest.
@@ -18,18 +20,20 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-debug= config_only=
+debug= config_only= seed=
 while [ $# -gt 0 ]; do
     case "$1" in
         --debug) debug=1 ;;
         --config-only) config_only=1 ;;
+        --seed) seed=${2:?--seed needs a build directory}; shift ;;
         -*) echo "build.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
     shift
 done
-src=${1:?usage: build.sh [--debug] [--config-only] SRC BUILD_DIR}
-build=${2:?usage: build.sh [--debug] [--config-only] SRC BUILD_DIR}
+usage="usage: build.sh [--debug] [--config-only] [--seed DIR] SRC BUILD_DIR"
+src=${1:?$usage}
+build=${2:?$usage}
 jobs=${JOBS:-$(($(nproc) + 1))}
 kmake=(make -s -C "$src" O="$build" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- -j"$jobs")
 
@@ -38,6 +42,12 @@ die() { printf 'kernel build failed: %s\n' "$*" >&2; exit 1; }
 
 [ -f "$src/Makefile" ] && [ -d "$src/arch/arm64" ] ||
     die "$src is not a Linux source tree (no Makefile or arch/arm64)"
+if [ -z "$config_only" ] && [ -n "$seed" ] && [ ! -f "$build/.config" ] && [ -f "$seed/.config" ]; then
+    step "seeding $build from $seed (same source path: only what differs is rebuilt)"
+    mkdir -p "$build"
+    cp -a --reflink=auto "$seed/." "$build/"
+    rm -rf "$build/modules" "$build/gracevm.expect"
+fi
 [ -n "$config_only" ] || mkdir -p "$build"
 
 # Fragments: every tree gets base + vfio + level1 (+ debug); egm.config only when the tree has
@@ -98,7 +108,7 @@ fi
 if ! cmp -s "$cfg/.config" "$build/.config"; then
     cp "$cfg/.config" "$build/.config"
     "${kmake[@]}" olddefconfig >/dev/null
-    step "config changed: full build"
+    step "config changed: Kbuild rebuilds what the change touches"
 else
     step "config unchanged: incremental build"
 fi

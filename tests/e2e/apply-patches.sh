@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Host test of guest-kernel/apply-patches.sh on a tiny synthetic tree: a clean patch, a patch
-# that needs fuzz (git am refuses it, patch -p1 takes it), a cover letter to skip, and a
-# series that cannot apply (must fail naming the patch, leaving the source untouched).
+# that needs fuzz (git am refuses it, patch -p1 takes it), a cover letter to skip, a plain
+# mail without an mbox separator, a series that cannot apply (must fail naming the patch and
+# leave the tree on base), switching back to base, and a second series as its own branch.
 # Prints KTAP; exits 1 on a failed check.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -50,26 +51,50 @@ mkpatch "$t/broken/0001-impossible.patch" "[PATCH] impossible" "diff --git a/dri
 +like
  this"
 
+# A mail saved from a client: headers first, no "From " mbox line.
+mkdir -p "$t/mail"
+printf 'From: Dev <dev@example.org>\nSubject: [PATCH] mail\nDate: Mon, 23 Feb 2026 15:55:14 +0000\n\n---\ndiff --git a/drivers/a.c b/drivers/a.c\n--- a/drivers/a.c\n+++ b/drivers/a.c\n@@ -7,1 +7,2 @@\n seven\n+eight\n' > "$t/mail/0001.patch"
+
 echo "KTAP version 1"
-echo "1..5"
-if "$apply" "$t/src" "$t/series" "$t/out" > "$t/log" 2>&1; then ok applies_series; else bad applies_series "$(cat "$t/log")"; fi
-if grep -qx 'one-and-a-half' "$t/out/drivers/a.c" && grep -qx 'six-and-a-half' "$t/out/drivers/a.c"; then
+echo "1..8"
+if "$apply" "$t/src" "$t/series" > "$t/log" 2>&1; then ok applies_series; else bad applies_series "$(cat "$t/log")"; fi
+if grep -qx 'one-and-a-half' "$t/src/drivers/a.c" && grep -qx 'six-and-a-half' "$t/src/drivers/a.c"; then
     ok both_hunks_present
 else
-    bad both_hunks_present "result: $(tr '\n' ' ' < "$t/out/drivers/a.c")"
+    bad both_hunks_present "result: $(tr '\n' ' ' < "$t/src/drivers/a.c")"
 fi
-if grep -q 'applied with fuzz.*fuzzy' "$t/log" && [ "$(git -C "$t/out" rev-list --count HEAD 2>/dev/null)" = 3 ]; then
+if grep -q 'applied with fuzz.*fuzzy' "$t/log" && [ "$(git -C "$t/src" rev-list --count HEAD 2>/dev/null)" = 3 ]; then
     ok fuzz_reported_and_committed
 else
     bad fuzz_reported_and_committed "$(cat "$t/log")"
 fi
-if "$apply" "$t/src" "$t/broken" "$t/out2" > "$t/log2" 2>&1; then
+if "$apply" "$t/src" "$t/broken" > "$t/log2" 2>&1; then
     bad broken_series_fails "a series that cannot apply was accepted"
-elif grep -q "impossible' does not apply" "$t/log2"; then
+elif grep -q "impossible' does not apply" "$t/log2" && [ "$(git -C "$t/src" symbolic-ref --short HEAD)" = base ] &&
+     [ "$(git -C "$t/src" branch --list 'series/*' | wc -l)" = 1 ]; then
     ok broken_series_fails
 else
-    bad broken_series_fails "no message naming the patch: $(cat "$t/log2")"
+    bad broken_series_fails "no message naming the patch, or not back on base: $(cat "$t/log2")"
 fi
-if diff -r "$t/src" "$t/pristine" > /dev/null; then ok source_untouched; else bad source_untouched "the source tree was modified"; fi
+"$apply" "$t/src" > "$t/log3" 2>&1
+if diff -r -x .git "$t/src" "$t/pristine" > /dev/null; then ok base_is_pristine; else bad base_is_pristine "branch base differs from the unpacked tree"; fi
+if "$apply" "$t/src" "$t/series" > "$t/log4" 2>&1 && grep -q 'already applied' "$t/log4" && grep -qx 'six-and-a-half' "$t/src/drivers/a.c"; then
+    ok same_series_reused
+else
+    bad same_series_reused "$(cat "$t/log4")"
+fi
+if "$apply" "$t/src" "$t/mail" > "$t/log5" 2>&1 && grep -qx 'eight' "$t/src/drivers/a.c" && ! grep -qx 'six-and-a-half' "$t/src/drivers/a.c"; then
+    ok plain_mail_is_own_branch
+else
+    bad plain_mail_is_own_branch "$(cat "$t/log5")"
+fi
+echo local > "$t/src/drivers/a.c"
+if "$apply" "$t/src" > "$t/log6" 2>&1; then
+    bad local_changes_refused "switched a tree with local changes"
+elif grep -q 'local changes' "$t/log6"; then
+    ok local_changes_refused
+else
+    bad local_changes_refused "$(cat "$t/log6")"
+fi
 echo "# $((n - failed)) passed, $failed failed"
 [ "$failed" -eq 0 ]
