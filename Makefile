@@ -140,19 +140,16 @@ $(BUSYBOX):
 
 # --- kernels ------------------------------------------------------------------------------
 default-kernel: deps
-	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/apply-patches.sh "$$src" && \
-	    guest-kernel/build.sh "$$src" $(DEFAULT_KBUILD)
+	@guest-kernel/kernel.sh $(CACHE) $(KVER) $(DEFAULT_KBUILD)
 
 # DEBUG=1: the default source with the debug fragment; a series' debug build is seeded from it.
 default-debug-kernel: default-kernel
-	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/apply-patches.sh "$$src" && \
-	    guest-kernel/build.sh --debug "$$src" $(DEFAULT_KBUILD)-debug
+	@guest-kernel/kernel.sh $(CACHE) $(KVER) $(DEFAULT_KBUILD)-debug --debug
 
 # The DEBUG=1 configuration must keep surviving Kconfig on the default source, though the
 # default `make test` does not build it (CI's time): configure only, in a scratch directory.
 debug-config: deps
-	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && guest-kernel/apply-patches.sh "$$src" && \
-	    guest-kernel/build.sh --debug --config-only "$$src" $(CACHE)/build/debug-config-check
+	@guest-kernel/kernel.sh $(CACHE) $(KVER) $(CACHE)/build/debug-config-check --debug --config-only
 
 kernel: $(KERNEL_DEPS)
 ifneq ($(KERNEL),)
@@ -162,9 +159,7 @@ else ifneq ($(KSRC),)
 	@echo "[kernel] building your tree $(KSRC_ABS)"
 	@guest-kernel/build.sh $(BUILD_FLAGS) $(KSRC_ABS) $(GUEST_KBUILD)
 else ifneq ($(PATCHES),)
-	@src=$$(guest-kernel/fetch-source.sh $(CACHE) $(KVER)) && \
-	    guest-kernel/apply-patches.sh "$$src" $(PATCHES_ABS) && \
-	    guest-kernel/build.sh $(BUILD_FLAGS) --seed $(SEED_KBUILD) "$$src" $(GUEST_KBUILD)
+	@guest-kernel/kernel.sh $(CACHE) $(KVER) $(GUEST_KBUILD) --series $(PATCHES_ABS) $(BUILD_FLAGS) --seed $(SEED_KBUILD)
 endif
 
 # --- gracevm and the guest's userspace ----------------------------------------------------

@@ -9,6 +9,7 @@
 pub mod devmem;
 pub mod egm;
 pub mod env;
+pub mod faults;
 pub mod firmware;
 pub mod gpus;
 pub mod kconfig;

@@ -32,9 +32,10 @@ use crate::egm::{
     Sharing, EGM_AUX_DRIVER, EGM_MODULE, EGM_RETIRED_PAGES_LIST, EGM_UNKNOWN_CMD, GPU_DRIVER,
 };
 use gracevm_contract::findings::{self, Finding};
-use gracevm_contract::kernel_log::Report as KernelReport;
+use gracevm_contract::kernel_log::{self, Report as KernelReport};
 
 use crate::env::Carveout;
+use crate::faults;
 use crate::kconfig;
 use crate::ktap::note;
 use crate::outcome::{check, Checks, Outcome};
@@ -71,6 +72,9 @@ pub const TESTS: &[Test] = &[
         .with_timeout(Duration::from_secs(180))
         .with_known(known_module_exit),
     Test::new("egm_rmmod_orders", rmmod_orders).with_timeout(Duration::from_secs(180)),
+    Test::new("egm_probe_fault_sweep", probe_fault_sweep)
+        .with_timeout(Duration::from_secs(900))
+        .with_known(known_probe_fault),
     Test::new("egm_unbind_while_open", unbind_while_open)
         .with_timeout(Duration::from_secs(240))
         .with_known(known_detach),
@@ -1995,6 +1999,90 @@ fn parallel_probe(ctx: &Context) -> Outcome {
         ));
     }
     checks.outcome()
+}
+
+/// Review findings [aux-add-double-free] (v2 02/15) and [shared-region-uaf] (v2 03/15): error
+/// paths of the GPU probe that only a failed allocation reaches. With fault injection (DEBUG=1
+/// kernels), each GPU of a shared region is probed again and again with its n-th allocation
+/// failing, n = 1, 2, ... until a probe makes no n-th allocation: the first GPU walks the
+/// creation of the region's auxiliary device, the second (the first one bound) its joining the
+/// region. Every failed probe must leave nothing behind and every region must come back whole;
+/// KASAN reports the double free and the use-after-free of the error paths as they happen.
+fn probe_fault_sweep(ctx: &Context) -> Outcome {
+    check!(exclusive(ctx, "egm_probe_fault_sweep"));
+    let m = check!(machine(ctx, false, true));
+    let region = check!(m.openable());
+    check!(faults::prepare());
+    for bdf in &region.gpus {
+        let node = PciDevice::new(bdf).attr("numa_node").unwrap_or_default();
+        if node.trim() != "-1" {
+            return Outcome::skip(format!(
+                "{bdf} has NUMA node {}: the PCI core probes it from a worker on that node, \
+                 where this thread's fault injection does not reach",
+                node.trim()
+            ));
+        }
+    }
+    let mut checks = Checks::new();
+    for bdf in &region.gpus {
+        check!(egm::unbind_gpu(bdf).map_err(Outcome::fail));
+    }
+    for bdf in &region.gpus {
+        let mut failed_probes = 0;
+        let mut n = 1;
+        loop {
+            if n > MAX_FAULTS {
+                checks.fail(format!(
+                    "{bdf}: the probe still reached its {MAX_FAULTS}th allocation: sweep cut short"
+                ));
+                break;
+            }
+            if let Err(why) = egm::unbind_gpu(bdf) {
+                checks.fail(why);
+                break;
+            }
+            let (bound, reached) = match faults::with_nth_failure(n, || egm::try_bind(bdf)) {
+                Ok((result, reached)) => (result.map(|r| r.bound), reached),
+                Err(why) => return Outcome::fail(why),
+            };
+            if !reached {
+                break;
+            }
+            if !matches!(bound, Ok(true)) {
+                failed_probes += 1;
+            }
+            n += 1;
+        }
+        note(format!(
+            "{bdf}: {} allocations failed one at a time, {failed_probes} probes failed",
+            n - 1
+        ));
+        if let Err(why) = egm::bind_gpu(bdf) {
+            checks.fail(format!("{bdf} does not bind after the sweep: {why}"));
+        }
+    }
+    expect_bound_region(&mut checks, &region, "after the fault sweep");
+    checks.outcome()
+}
+
+/// A bound on the sweep: the GPU probe makes a few hundred allocations at most.
+const MAX_FAULTS: u32 = 2000;
+
+/// The error paths' reports that are the review findings: a double free in the probe
+/// (auxiliary_device_add failing), a use-after-free of the region entry (the second GPU failing
+/// to join it). Anything else the sweep provokes fails.
+fn known_probe_fault(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
+    let header = report.header();
+    if !report.mentions("nvgrace") {
+        return None;
+    }
+    if header.contains("double-free") || header.contains("invalid-free") {
+        Some(findings::AUX_ADD_DOUBLE_FREE)
+    } else if header.contains("use-after-free") || report.kind == kernel_log::Kind::ListCorruption {
+        Some(findings::SHARED_REGION_UAF)
+    } else {
+        None
+    }
 }
 
 /// Rounds of parallel unbind+bind in [`parallel_probe`].
