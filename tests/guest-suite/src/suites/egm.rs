@@ -64,6 +64,9 @@ pub const TESTS: &[Test] = &[
         .with_known(known_retired),
     Test::new("egm_missing_properties", missing_properties).with_timeout(Duration::from_secs(300)),
     Test::new("egm_poison", poison).with_timeout(Duration::from_secs(240)),
+    Test::new("egm_poison_race", poison_race)
+        .with_timeout(Duration::from_secs(240))
+        .with_known(known_no_locking),
     Test::new("egm_shared_region", shared_region).with_timeout(Duration::from_secs(300)),
     Test::new("egm_parallel_probe", parallel_probe)
         .with_timeout(Duration::from_secs(300))
@@ -2084,6 +2087,107 @@ fn known_probe_fault(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
         None
     }
 }
+
+/// Review finding [no-locking] (v2 12/15, 15/15): memory-failure handling adds to the
+/// retired-pages hash while the ioctl walks it, with no lock. One thread lists the retired
+/// pages in a loop while [`POISON_RACE_PAGES`] pages are poisoned one after another; every
+/// listing must be whole (no duplicate, nothing outside the region) and the final list must
+/// hold every poisoned page once. With DEBUG=1, KASAN and lockdep watch the hash.
+fn poison_race(ctx: &Context) -> Outcome {
+    let m = check!(machine(ctx, false, true));
+    if !egm::exists(egm::HARD_OFFLINE_PAGE) || kconfig::kernel_has("MEMORY_FAILURE") != Some(true) {
+        return Outcome::skip(format!(
+            "no {} or no CONFIG_MEMORY_FAILURE: cannot poison pages",
+            egm::HARD_OFFLINE_PAGE
+        ));
+    }
+    let region = check!(m.openable());
+    check!(bring_up(&m, &region));
+    let page = m.page as u64;
+    let file = check!(open(&region));
+    let before = match egm::list_retired_pages(file.as_fd()) {
+        Ok(list) => list,
+        Err(why) => return Outcome::fail(format!("[no-locking]: {why}")),
+    };
+    // Pages in the last quarter of the region, clear of the ones already retired.
+    let mut offsets = Vec::new();
+    let mut offset = (region.size / 4 * 3) & !(page - 1);
+    while offsets.len() < POISON_RACE_PAGES && offset + page <= region.size {
+        if !before.iter().any(|p| p.offset / page == offset / page) {
+            offsets.push(offset);
+        }
+        offset += 7 * page;
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut checks = Checks::new();
+    let (listings, torn) = std::thread::scope(|scope| {
+        let lister = scope.spawn(|| {
+            let (mut listings, mut torn) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match egm::list_retired_pages(file.as_fd()) {
+                    Ok(list) => {
+                        let mut seen = BTreeSet::new();
+                        let whole = list
+                            .iter()
+                            .all(|p| p.offset < region.size && seen.insert(p.offset));
+                        if !whole && torn.len() < 3 {
+                            torn.push(format!("a listing of {} entries", list.len()));
+                        }
+                    }
+                    Err(why) if torn.len() < 3 => torn.push(why),
+                    Err(_) => {}
+                }
+                listings += 1;
+            }
+            (listings, torn)
+        });
+        for &offset in &offsets {
+            let phys = region.base + offset;
+            if let Err(e) = egm::write_sysfs(egm::HARD_OFFLINE_PAGE, &format!("{phys:#x}")) {
+                checks.fail(format!("poisoning {phys:#x}: {e}"));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        lister
+            .join()
+            .unwrap_or((0, vec!["the lister panicked".into()]))
+    });
+    for why in torn {
+        checks.fail(format!(
+            "[{}]: while pages were poisoned, {why} was torn (duplicate or out-of-region entry)",
+            findings::NO_LOCKING.key
+        ));
+    }
+    let mut expected = before.clone();
+    expected.extend(
+        offsets
+            .iter()
+            .map(|&offset| RetiredPage { offset, size: page }),
+    );
+    expected.sort();
+    match egm::list_retired_pages(file.as_fd()) {
+        Ok(after) => {
+            let diff = egm::compare_lists(&expected, &after);
+            checks.expect(diff.is_empty(), || {
+                format!("after poisoning {} pages: {diff}", offsets.len())
+            });
+        }
+        Err(why) => checks.fail(why),
+    }
+    if !checks.failed() {
+        note(format!(
+            "[{}]: {} pages poisoned while {listings} listings ran; every listing whole, all {} \
+             entries there once",
+            findings::NO_LOCKING.key,
+            offsets.len(),
+            expected.len()
+        ));
+    }
+    checks.outcome()
+}
+
+/// Pages [`poison_race`] poisons.
+const POISON_RACE_PAGES: usize = 24;
 
 /// Rounds of parallel unbind+bind in [`parallel_probe`].
 const RACE_ROUNDS: usize = 10;
