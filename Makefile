@@ -1,6 +1,8 @@
 # gracevm: boot real arm64 kernels on a Grace-like platform to test the nvgrace-gpu/EGM drivers.
 #
 #   make test            host tests, then boot the guest and run the in-guest suite (KTAP)
+#   make check           formatting, lint, unit and host tests (no kernel, no guest)
+#   make e2e             only the guests: SCENARIO=globs, TESTS=globs narrow it
 #   make run [CMD=...]   boot the default platform to a shell (or run CMD and power off)
 #   make bench           boot-to-userspace: gracevm vs qemu-system-aarch64 TCG
 #   make fuzz            fuzz the device models (FUZZ_SECONDS per target, default 600)
@@ -8,6 +10,7 @@
 #
 #   DEBUG=1              guest kernel with KASAN, KFENCE, UBSAN, lockdep, DEBUG_LIST, ... (own build)
 #   EXPECT=egm           the kernel must carry the EGM driver: its tests fail instead of skipping
+#   PATCHES=dir|mbox     a series on the default source; KSRC=tree, KERNEL=Image your own kernel
 #
 # Everything downloaded or built outside cargo goes to $(CACHE), never into the tree.
 
@@ -25,6 +28,9 @@ CPUS    ?= 2
 MEMORY  ?= 1G
 DEBUG   ?=
 EXPECT  ?=
+# SCENARIO=egm-retired-*,acpi runs those scenarios (globs; default: all); TESTS=egm_* those tests.
+SCENARIO ?=
+TESTS    ?=
 # A debug kernel (KASAN and lockdep under nested emulation) runs several times slower.
 TIMEOUT ?= $(if $(DEBUG),1200,300)
 ARGS    ?=
@@ -105,11 +111,13 @@ export GRACEVM_BUSYBOX   := $(BUSYBOX)
 export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
 
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
+comma := ,
+SCENARIO_ARGS = $(if $(SCENARIO),$(foreach s,$(subst $(comma), ,$(SCENARIO)),--scenario '$(s)'),--all-scenarios)
 
-.PHONY: help deps kernel default-kernel default-debug-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
+.PHONY: help check deps kernel default-kernel default-debug-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
 
 help:
-	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,/^# Everything/p' Makefile | sed '$$d; s/^# \{0,1\}//'
 
 # --- host packages ------------------------------------------------------------------------
 ifeq ($(HOST_ARCH),aarch64)
@@ -192,9 +200,12 @@ host-test: deps lint
 
 e2e: kernel initramfs
 	@echo "[test] end to end: booting $(GUEST_IMAGE)"
-	@$(SET_EXPECT) $(WITH_MODULES) $(HOST_VMM) test --all-scenarios --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
+	@$(SET_EXPECT) $(WITH_MODULES) $(HOST_VMM) test $(SCENARIO_ARGS) $(if $(TESTS),--tests '$(TESTS)',) \
+	    --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
+ifeq ($(SCENARIO)$(TESTS),)
 	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status
+endif
 
 # Device models driven by byte streams (ECAM, GPU BAR0, PL011): a short run in every test,
 # a long one on demand.
@@ -206,6 +217,9 @@ fuzz: deps
 	@platform/fuzz/run.sh $(FUZZ_SECONDS)
 
 test: host-test fuzz-smoke debug-config e2e
+
+# The quick loop without a kernel: formatting, lint, unit and host tests.
+check: host-test
 
 run: kernel initramfs
 	@$(WITH_MODULES) $(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)

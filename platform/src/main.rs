@@ -25,6 +25,7 @@ use gracevm::modules::{self, ModuleTree, Modules};
 use gracevm::nested::{Level1, Level1End, NestedRun, Stage};
 #[cfg(target_arch = "aarch64")]
 use gracevm::vmm;
+use gracevm_contract::protocol;
 
 #[derive(Parser)]
 #[command(
@@ -60,8 +61,9 @@ enum Command {
         /// Output directory: results.ktap, results.json, and per scenario its console.log.
         #[arg(long, default_value = "out")]
         out: PathBuf,
-        /// Run this named scenario (a description NAME.toml in --scenarios-dir); repeatable.
-        /// Without any, one scenario from --platform (or the built-in default) is run.
+        /// Run this named scenario (a description NAME.toml in --scenarios-dir), or every one
+        /// matching a glob (`egm-retired-*`); repeatable. Without any, one scenario from
+        /// --platform (or the built-in default) is run.
         #[arg(long = "scenario", value_name = "NAME")]
         scenarios: Vec<String>,
         /// Run every scenario in --scenarios-dir.
@@ -515,13 +517,13 @@ struct ScenarioRun {
 
 fn scenario_list(
     guest: &GuestArgs,
-    names: &[String],
+    requested: &[String],
     all: bool,
     dir: &Path,
     single: &str,
 ) -> Result<Vec<ScenarioRun>> {
-    let mut names = names.to_vec();
-    if all {
+    let is_glob = |n: &str| n.contains(['*', '?']);
+    let listed = || -> Result<Vec<String>> {
         let entries = std::fs::read_dir(dir).map_err(|e| {
             Usage(format!(
                 "cannot list scenarios in {}: {e} (set --scenarios-dir)",
@@ -538,8 +540,29 @@ fn scenario_list(
             })
             .collect();
         found.sort();
-        names.extend(found);
+        Ok(found)
+    };
+    let mut names: Vec<String> = Vec::new();
+    if all {
+        names.extend(listed()?);
     }
+    // `--scenario 'egm-retired-*'`: every scenario whose name matches, in name order.
+    for name in requested {
+        if !is_glob(name) {
+            names.push(name.clone());
+            continue;
+        }
+        let matching: Vec<String> = listed()?
+            .into_iter()
+            .filter(|n| protocol::glob_match(name, n))
+            .collect();
+        if matching.is_empty() {
+            return usage(format!("no scenario in {} matches '{name}'", dir.display()));
+        }
+        names.extend(matching);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    names.retain(|n| seen.insert(n.clone()));
     if names.is_empty() {
         return Ok(vec![ScenarioRun {
             name: single.to_string(),
