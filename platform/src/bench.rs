@@ -143,6 +143,7 @@ fn gracevm_boots(
             .collect();
         let l1 = g.level1()?;
         let end = NestedRun {
+            parallel: 1,
             level1: &l1,
             stage: &stage,
             jobs,

@@ -75,6 +75,10 @@ enum Command {
         /// Name of the single scenario run from --platform.
         #[arg(long, default_value = "default")]
         name: String,
+        /// Scenarios run at once inside the level-1 machine (nested route); default: this
+        /// host's cores.
+        #[arg(long, env = "GRACEVM_PARALLEL", value_name = "N")]
+        parallel: Option<usize>,
     },
     /// Write what the guest's firmware would hand the kernel: the DTB and each ACPI table.
     Firmware {
@@ -249,10 +253,16 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
             all_scenarios,
             scenarios_dir,
             name,
+            parallel,
         } => {
             let runs = scenario_list(&guest, &scenarios, all_scenarios, &scenarios_dir, &name)?;
             create_out(&out)?;
-            test(&runs, &out, watch)
+            let parallel = match parallel {
+                Some(0) => return usage("--parallel 0: at least one scenario must run"),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            };
+            test(&runs, &out, parallel, watch)
         }
         Command::Firmware {
             platform,
@@ -662,6 +672,7 @@ fn run(g: &Resolved, mode: Mode, out: Option<&Path>, watch: Arc<Watch>) -> Resul
         }
         let l1 = g.level1()?;
         let end = NestedRun {
+            parallel: 1,
             level1: &l1,
             stage: &stage,
             jobs: vec![job],
@@ -721,9 +732,9 @@ pub fn max_rss_kib() -> u64 {
     u64::try_from(ru.ru_maxrss).unwrap_or(0)
 }
 
-fn test(runs: &[ScenarioRun], out: &Path, watch: Arc<Watch>) -> Result<i32> {
+fn test(runs: &[ScenarioRun], out: &Path, parallel: usize, watch: Arc<Watch>) -> Result<i32> {
     let scenarios = if runs.iter().any(|r| r.guest.nested) {
-        test_nested(runs, out, watch)?
+        test_nested(runs, out, parallel, watch)?
     } else {
         let mut v = Vec::new();
         for r in runs {
@@ -791,8 +802,14 @@ fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Resul
     Ok(result)
 }
 
-/// Run every scenario in one level-1 boot; each inner gracevm writes into out/<name>.
-fn test_nested(runs: &[ScenarioRun], out: &Path, watch: Arc<Watch>) -> Result<Vec<ScenarioResult>> {
+/// Run every scenario in one level-1 boot, `parallel` at a time; each inner gracevm writes
+/// into out/<name>.
+fn test_nested(
+    runs: &[ScenarioRun],
+    out: &Path,
+    parallel: usize,
+    watch: Arc<Watch>,
+) -> Result<Vec<ScenarioResult>> {
     let stage = Stage::new()?;
     let mut jobs = Vec::new();
     let mut total = Duration::ZERO;
@@ -821,13 +838,15 @@ fn test_nested(runs: &[ScenarioRun], out: &Path, watch: Arc<Watch>) -> Result<Ve
         jobs,
         out: Some(out),
         interactive: false,
-        memory_mib: runs
-            .iter()
-            .map(|r| r.guest.level1_memory_mib())
-            .max()
-            .unwrap_or(1024),
+        // Room for the `parallel` largest scenarios at once.
+        memory_mib: {
+            let mut need: Vec<u64> = runs.iter().map(|r| r.guest.level1_memory_mib()).collect();
+            need.sort_unstable_by(|a, b| b.cmp(a));
+            need.iter().take(parallel.max(1)).sum::<u64>().max(1024)
+        },
         timeout: Some(total),
         watch,
+        parallel,
     }
     .run()?;
     let lost = |name: &str, why: GuestEnd| {

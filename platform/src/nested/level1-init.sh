@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # /init of the level-1 Linux that gracevm boots in qemu-system-aarch64 when the host is not an
-# aarch64 KVM host. It runs each job in /stage/jobs (one shell-quoted gracevm argv per line)
-# with the aarch64 gracevm under KVM, records each exit status, and powers off.
+# aarch64 KVM host. It runs the jobs in /stage/jobs (one shell-quoted gracevm argv per line)
+# with the aarch64 gracevm under KVM, several at once, records each exit status, and powers
+# off.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -14,14 +15,26 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /out 2>/dev/null
 if [ ! -e /dev/kvm ]; then
     echo "[gracevm] level-1: no /dev/kvm (qemu without virtualization=on?)"
 fi
+# Up to /stage/parallel jobs at once: a scenario that waits (a GPU readiness poll, a boot)
+# waits beside the others. Each job writes /stage/status.N when it ends; results and console
+# logs are per scenario under /out, so the order they finish in does not matter.
+parallel=$(cat /stage/parallel 2>/dev/null || echo 1)
+finished() { ls /stage | grep -c '^status\.'; }
 n=0
 while IFS= read -r job <&3; do
+    while [ $((n - $(finished))) -ge "$parallel" ]; do
+        usleep 200000 2>/dev/null || sleep 1
+    done
     n=$((n + 1))
-    eval "set -- $job"
-    /bin/gracevm "$@"
-    echo $? > /stage/status.$n
-    sync
+    (
+        eval "set -- $job"
+        /bin/gracevm "$@"
+        echo $? > /stage/.status.$n
+        mv /stage/.status.$n /stage/status.$n
+        sync
+    ) 3<&- &
 done 3< /stage/jobs
+wait
 echo "[gracevm] level-1: $n job(s) done"
 sync
 poweroff -f

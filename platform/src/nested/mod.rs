@@ -170,6 +170,8 @@ pub struct NestedRun<'a> {
     pub memory_mib: u64,
     pub timeout: Option<Duration>,
     pub watch: Arc<Watch>,
+    /// Jobs run at once inside level 1 (its vCPUs: at least two, at most eight).
+    pub parallel: usize,
 }
 
 impl NestedRun<'_> {
@@ -188,6 +190,10 @@ impl NestedRun<'_> {
             })
             .collect();
         self.stage.write("jobs", jobs.as_bytes())?;
+        let parallel = self.parallel.clamp(1, self.jobs.len().max(1));
+        self.stage
+            .write("parallel", format!("{parallel}\n").as_bytes())?;
+        let vcpus = self.parallel.clamp(2, 8);
         self.stage.write("level1.cpio", &self.level1.initramfs()?)?;
 
         let mut cmd = Command::new(&self.level1.qemu);
@@ -197,13 +203,12 @@ impl NestedRun<'_> {
             // pauth-impdef: QEMU's cheap pointer-auth algorithm; the architected one dominates TCG time.
             "-cpu",
             "max,pauth-impdef=on",
-            "-smp",
-            "2",
             "-no-reboot",
             // No default NIC: it needs a ROM image and the guest has no use for it.
             "-nic",
             "none",
         ]);
+        cmd.arg("-smp").arg(vcpus.to_string());
         cmd.arg("-m").arg(format!("{}M", self.memory_mib));
         cmd.arg("-kernel").arg(&self.level1.kernel);
         cmd.arg("-initrd").arg(stage.join("level1.cpio"));
@@ -241,7 +246,7 @@ impl NestedRun<'_> {
         }
         debug!("level-1: {cmd:?}");
         info!(
-            "starting the level-1 machine (qemu-system-aarch64, TCG) for {} job(s)",
+            "starting the level-1 machine (qemu-system-aarch64, TCG, {vcpus} vCPUs) for {} job(s), {parallel} at a time",
             self.jobs.len()
         );
         let started = Instant::now();
