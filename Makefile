@@ -109,6 +109,8 @@ export GRACEVM_INITRD    := $(abspath $(INITRD))
 export GRACEVM_L1_KERNEL := $(DEFAULT_IMAGE)
 export GRACEVM_BUSYBOX   := $(BUSYBOX)
 export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
+# What the kernel build recorded (for kcidb.json); a ready KERNEL= has none.
+export GRACEVM_BUILD_INFO := $(if $(KERNEL),,$(GUEST_KBUILD)/gracevm-build.json)
 
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 comma := ,
@@ -202,6 +204,10 @@ e2e: kernel initramfs
 	@echo "[test] end to end: booting $(GUEST_IMAGE)"
 	@$(SET_EXPECT) $(WITH_MODULES) $(HOST_VMM) test $(SCENARIO_ARGS) $(if $(TESTS),--tests '$(TESTS)',) \
 	    --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
+	@echo "[test] KCIDB report: $(OUT)/kcidb.json against the schema (kcidb-io)"
+	@python3 -c 'import kcidb_io' 2>/dev/null || { echo "[deps] installing kcidb-io (PyPI)"; \
+	    python3 -m pip install -q --root-user-action=ignore kcidb-io >/dev/null; }
+	@tests/host/kcidb-validate.py $(OUT)/kcidb.json
 ifeq ($(SCENARIO)$(TESTS),)
 	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status

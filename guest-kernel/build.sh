@@ -14,6 +14,10 @@
 # SRC is never modified (O= build). The config is regenerated each time but only replaces
 # BUILD_DIR/.config when it changed, so unchanged trees rebuild incrementally.
 #
+# BUILD_DIR/gracevm-build.json records what was built (source, commit, series and its mails'
+# Message-IDs when GRACEVM_SERIES names it, fragments, debug flavour, duration) for the run's
+# KCIDB report.
+#
 # A tree that carries the EGM driver's sources gets BUILD_DIR/gracevm.expect: "egm" and why,
 # which make turns into `gracevm test --expect egm` so the EGM tests fail, not skip, when the
 # driver is missing from the kernel (a renamed Kconfig symbol, a module that did not build).
@@ -114,6 +118,7 @@ else
 fi
 
 start=$(date +%s)
+start_iso=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 stamp=$build/.gracevm-build-start
 touch "$stamp"
 # Progress for long builds: a line every 30 s with the number of objects built so far.
@@ -139,3 +144,36 @@ if [ -n "$modular" ]; then
     n=$(find "$build/modules" -name '*.ko' | wc -l)
     step "$n modules installed: $(echo "$build"/modules/lib/modules/*)"
 fi
+
+# What was built, for the run's report (KCIDB): JSON by hand, every value escaped.
+json_str() { local v=${1//\\/\\\\}; v=${v//\"/\\\"}; printf '"%s"' "$v"; }
+json_list() { local first=1 x; printf '['; for x in "$@"; do [ -n "$first" ] || printf ', '; first=; json_str "$x"; done; printf ']'; }
+commit= branch=
+if git -C "$src" rev-parse -q --verify HEAD >/dev/null 2>&1; then
+    commit=$(git -C "$src" rev-parse HEAD)
+    branch=$(git -C "$src" symbolic-ref -q --short HEAD || true)
+fi
+series_files=() message_ids=() patchset_hash=
+if [ -n "${GRACEVM_SERIES:-}" ] && [ -e "$GRACEVM_SERIES" ]; then
+    if [ -d "$GRACEVM_SERIES" ]; then
+        mapfile -t series_files < <(find "$GRACEVM_SERIES" -maxdepth 1 -type f \( -name '*.patch' -o -name '*.mbx' -o -name '*.eml' -o -name '*.mbox' \) | sort)
+    else
+        series_files=("$GRACEVM_SERIES")
+    fi
+    patchset_hash=$(cat "${series_files[@]}" | sha256sum | cut -d' ' -f1)
+    mapfile -t message_ids < <(cat "${series_files[@]}" | sed -n 's/^[Mm]essage-[Ii][Dd]: *//p' | tr -d '\r')
+fi
+names=()
+for f in "${fragments[@]}"; do names+=("$(basename "$f")"); done
+files=()
+for f in "${series_files[@]}"; do files+=("$(basename "$f")"); done
+{
+    printf '{\n  "source": %s,\n  "tree_name": %s,\n' "$(json_str "$src")" "$(json_str "$(basename "$src")")"
+    printf '  "git_commit_hash": %s,\n  "git_repository_branch": %s,\n' "$(json_str "$commit")" "$(json_str "$branch")"
+    printf '  "patchset_hash": %s,\n  "patchset_files": %s,\n  "message_ids": %s,\n' \
+        "$(json_str "$patchset_hash")" "$(json_list "${files[@]}")" "$(json_list "${message_ids[@]}")"
+    printf '  "architecture": "arm64",\n  "compiler": %s,\n' "$(json_str "$(aarch64-linux-gnu-gcc --version | head -n 1)")"
+    printf '  "config_fragments": %s,\n  "debug": %s,\n' "$(json_list "${names[@]}")" "$([ -n "$debug" ] && echo true || echo false)"
+    printf '  "release": %s,\n' "$(json_str "$(cat "$build/include/config/kernel.release" 2>/dev/null)")"
+    printf '  "start_time": %s,\n  "duration": %s,\n  "status": "PASS"\n}\n' "$(json_str "$start_iso")" "$(( $(date +%s) - start ))"
+} > "$build/gracevm-build.json"

@@ -31,4 +31,4 @@ fi
 # The lock is this script's; children do not inherit it (a straggler such as the build's
 # progress ticker would hold the tree after the build ended).
 "$here/apply-patches.sh" "$src" ${series:+"$series"} 9>&-
-"$here/build.sh" "$@" "$src" "$build" 9>&-
+GRACEVM_SERIES=$series "$here/build.sh" "$@" "$src" "$build" 9>&-

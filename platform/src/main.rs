@@ -16,6 +16,7 @@ use firmware::{Platform, Size};
 
 use gracevm::exit::{self, Status};
 use gracevm::guest::{Mode, TestRequest};
+use gracevm::harness::kcidb;
 use gracevm::harness::{
     self,
     report::{evaluate, ScenarioResult, Summary},
@@ -154,6 +155,10 @@ struct GuestArgs {
     /// Why the features are expected (shown in the failures).
     #[arg(long, env = "GRACEVM_EXPECT_WHY", hide = true)]
     expect_why: Option<String>,
+    /// The kernel build's record (`gracevm-build.json`, which `make` passes): what the KCIDB
+    /// report (kcidb.json) says was checked out and built.
+    #[arg(long, env = "GRACEVM_BUILD_INFO")]
+    build_info: Option<PathBuf>,
     /// Run only the guest tests matching these globs (`egm_*,kernel_log_boot`); a scenario's
     /// own `tests` list still applies.
     #[arg(
@@ -733,6 +738,7 @@ pub fn max_rss_kib() -> u64 {
 }
 
 fn test(runs: &[ScenarioRun], out: &Path, parallel: usize, watch: Arc<Watch>) -> Result<i32> {
+    let started = std::time::SystemTime::now();
     let scenarios = if runs.iter().any(|r| r.guest.nested) {
         test_nested(runs, out, parallel, watch)?
     } else {
@@ -746,6 +752,7 @@ fn test(runs: &[ScenarioRun], out: &Path, parallel: usize, watch: Arc<Watch>) ->
     };
     let summary = Summary::new(scenarios);
     summary.write(out)?;
+    write_kcidb(&runs[0].guest, &summary, out, started)?;
     print!("{}", summary.ktap());
     let _ = std::io::stdout().flush();
     let c = &summary.counts;
@@ -758,6 +765,34 @@ fn test(runs: &[ScenarioRun], out: &Path, parallel: usize, watch: Arc<Watch>) ->
         c.skip + c.xfail
     );
     Ok(summary.exit_code)
+}
+
+/// kcidb.json beside results.json: the build record (if given) and the kernel's checksum name
+/// what was tested.
+fn write_kcidb(
+    g: &Resolved,
+    summary: &Summary,
+    out: &Path,
+    started: std::time::SystemTime,
+) -> Result<()> {
+    use sha2::Digest;
+    let build = match &g.args.build_info {
+        Some(path) if path.is_file() => Some(kcidb::BuildInfo::load(path)?),
+        _ => None,
+    };
+    let image = std::fs::read(&g.kernel)
+        .with_context(|| format!("reading {} for its checksum", g.kernel.display()))?;
+    let sum: String = sha2::Sha256::digest(&image)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let secs = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let run_id = format!("{secs}-{}", std::process::id());
+    let start = humantime::format_rfc3339_seconds(started).to_string();
+    let report = kcidb::report(summary, build.as_ref(), &run_id, &sum, &start);
+    kcidb::write(out, &report)
 }
 
 fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Result<ScenarioResult> {
@@ -789,7 +824,10 @@ fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Resul
         },
     };
     let cap = captured.lock().unwrap_or_else(|p| p.into_inner());
-    let guest = harness::ktap::parse(&cap.ktap);
+    let mut guest = harness::ktap::parse(&cap.ktap);
+    for r in &mut guest.results {
+        r.duration_ms = cap.durations.get(&r.name).copied();
+    }
     let result = evaluate(
         name,
         &report,

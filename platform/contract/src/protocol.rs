@@ -4,6 +4,17 @@
 /// running when a kernel panic ended the guest.
 pub const RUNNING: &str = "gracevm-suite: running ";
 
+/// Printed after each test (not a KTAP line): `gracevm-suite: done NAME MILLISECONDS`.
+pub const DONE: &str = "gracevm-suite: done ";
+
+/// The test name and its duration in milliseconds in a [`DONE`] line.
+pub fn done_test(line: &str) -> Option<(&str, u64)> {
+    let rest = line.trim_end().strip_prefix(DONE)?;
+    let (name, ms) = rest.split_once(' ')?;
+    let name = running_test(&format!("{RUNNING}{name}"))?.len();
+    Some((&rest[..name], ms.parse().ok()?))
+}
+
 /// The test name in a [`RUNNING`] line (`None` for any other line). A name is what KTAP
 /// allows: lowercase letters, digits and `_`, at most 64 of them.
 pub fn running_test(line: &str) -> Option<&str> {
@@ -61,6 +72,17 @@ pub fn selected(patterns: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_done_test_name_and_ms() {
+        assert_eq!(
+            done_test("gracevm-suite: done egm_poison 1234\r"),
+            Some(("egm_poison", 1234))
+        );
+        assert_eq!(done_test("gracevm-suite: done egm_poison"), None);
+        assert_eq!(done_test("gracevm-suite: done a-b 1"), None);
+        assert_eq!(done_test("gracevm-suite: done x -1"), None);
+    }
 
     #[test]
     fn test_glob_match_stars_and_literals() {

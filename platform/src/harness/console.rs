@@ -19,6 +19,8 @@ pub struct Captured {
     pub panic: Option<String>,
     /// The guest test that was running last (the suite announces each before it starts).
     pub running: Option<String>,
+    /// How long each guest test took, in milliseconds (the suite says so after each).
+    pub durations: std::collections::BTreeMap<String, u64>,
 }
 
 pub struct ConsoleSink {
@@ -55,6 +57,9 @@ impl ConsoleSink {
         let mut cap = self.captured.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(name) = protocol::running_test(&text) {
             cap.running = Some(name.to_string());
+        }
+        if let Some((name, ms)) = protocol::done_test(&text) {
+            cap.durations.insert(name.to_string(), ms);
         }
         if kernel_log::classify(&text) == Some(kernel_log::Kind::Panic) {
             cap.panic.get_or_insert(text.clone());

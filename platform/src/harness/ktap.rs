@@ -22,6 +22,9 @@ pub struct TestResult {
     /// `# ` lines the test printed before its result line.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub diagnostics: Vec<String>,
+    /// How long the test ran, when the guest said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 impl TestResult {
@@ -31,6 +34,7 @@ impl TestResult {
             result: Verdict::Pass,
             reason: note,
             diagnostics: vec![],
+            duration_ms: None,
         }
     }
 
@@ -40,6 +44,7 @@ impl TestResult {
             result: Verdict::Fail,
             reason: Some(why),
             diagnostics: vec![],
+            duration_ms: None,
         }
     }
 }
@@ -120,6 +125,7 @@ fn parse_result(line: &str) -> Option<TestResult> {
         result,
         reason,
         diagnostics: vec![],
+        duration_ms: None,
     })
 }
 
@@ -210,12 +216,14 @@ mod tests {
                 result: Verdict::Skip,
                 reason: Some("why".into()),
                 diagnostics: vec![],
+                duration_ms: None,
             },
             TestResult {
                 name: "d".into(),
                 result: Verdict::Xfail,
                 reason: Some("known".into()),
                 diagnostics: vec![],
+                duration_ms: None,
             },
         ] {
             let line = format_result(7, &t);

@@ -224,7 +224,17 @@ impl Summary {
                     xml(&s.name),
                     xml(&t.name)
                 );
+                if let Some(ms) = t.duration_ms {
+                    x += &format!(" time=\"{:.3}\"", ms as f64 / 1e3);
+                }
                 let detail = xml(&t.diagnostics.join("\n"));
+                // Diagnostics (a kernel report's first lines among them) go with every
+                // result that has any.
+                let out = if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!("<system-out>{detail}</system-out>")
+                };
                 let body = match t.result {
                     Verdict::Pass if detail.is_empty() => None,
                     Verdict::Pass => Some(format!("<system-out>{detail}</system-out>")),
@@ -232,9 +242,9 @@ impl Summary {
                         "<failure message=\"{}\">{detail}</failure>",
                         xml(reason)
                     )),
-                    Verdict::Skip => Some(format!("<skipped message=\"{}\"/>", xml(reason))),
+                    Verdict::Skip => Some(format!("<skipped message=\"{}\"/>{out}", xml(reason))),
                     Verdict::Xfail => Some(format!(
-                        "<skipped message=\"expected failure: {}\"/>",
+                        "<skipped message=\"expected failure: {}\"/>{out}",
                         xml(reason)
                     )),
                 };

@@ -118,6 +118,7 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
             test.timeout = AFTER_OOPS_TIMEOUT;
         }
         ktap::emit(&format!("{}{}", protocol::RUNNING, test.name));
+        let started = std::time::Instant::now();
         let (mut notes, report) = match &exe {
             Some(exe) => run_isolated(exe, &test).unwrap_or_else(|e| {
                 let mut notes = vec![format!(
@@ -129,6 +130,7 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
             }),
             None => run_in_process(&test),
         };
+        let took = started.elapsed();
         let window = log.as_mut().map(|log| {
             thread::sleep(LOG_SETTLE);
             log.drain()
@@ -165,6 +167,12 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
                 ktap::emit(&ktap::timeout_line(number, test.name, test.timeout));
             }
         }
+        ktap::emit(&format!(
+            "{}{} {}",
+            protocol::DONE,
+            test.name,
+            took.as_millis()
+        ));
         totals.count(&report);
     }
     ktap::emit(&ktap::totals_line(
