@@ -83,6 +83,25 @@ impl Report {
     pub fn mentions(&self, needle: &str) -> bool {
         self.lines.iter().any(|l| l.contains(needle))
     }
+
+    /// Whether the report's header or its call trace names `needle`: the code that went wrong
+    /// (not merely "Modules linked in", which lists every loaded module).
+    pub fn in_code(&self, needle: &str) -> bool {
+        if self.header().contains(needle) {
+            return true;
+        }
+        let mut in_trace = false;
+        for line in &self.lines[1.min(self.lines.len())..] {
+            if line.starts_with("Call trace:") || line.starts_with("Call Trace:") {
+                in_trace = true;
+            } else if in_trace && (line.starts_with("---[") || line.starts_with("Code:")) {
+                in_trace = false;
+            } else if in_trace && line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 impl fmt::Display for Report {
@@ -427,6 +446,22 @@ mod tests {
             .starts_with("BUG: KASAN: slab-use-after-free in egm_release"));
         assert!(r.mentions("__fput"));
         assert!(r.lines.iter().all(|l| !l.starts_with('[')));
+    }
+
+    #[test]
+    fn test_in_code_ignores_module_list() {
+        let r = Report {
+            kind: Kind::Oops,
+            lines: vec![
+                "Unable to handle kernel NULL pointer dereference".into(),
+                "Modules linked in: nvgrace_egm".into(),
+                "Call trace:".into(),
+                " kfree+0x1/0x2".into(),
+            ],
+        };
+        assert!(r.mentions("nvgrace"));
+        assert!(!r.in_code("nvgrace"));
+        assert!(r.in_code("kfree"));
     }
 
     #[test]

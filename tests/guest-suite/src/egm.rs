@@ -889,6 +889,15 @@ pub fn list_retired_pages(fd: BorrowedFd<'_>) -> Result<Vec<RetiredPage>, String
             room + 1
         ));
     }
+    // The list outgrew the buffer between the two calls (pages retired meanwhile): the
+    // driver answered "too small" (count 0, argsz the size it needs), not an empty list.
+    if full.header.argsz > list_argsz(room + 1) {
+        return Err(format!(
+            "EGM_RETIRED_PAGES_LIST grew between sizing and listing (needs argsz {}, gave {})",
+            full.header.argsz,
+            list_argsz(room + 1)
+        ));
+    }
     Ok(full.entries)
 }
 

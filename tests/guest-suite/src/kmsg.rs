@@ -90,7 +90,7 @@ pub fn kernel_died() -> bool {
 pub fn diagnostics(reports: &[Report], max_reports: usize, per_report: usize) -> Vec<String> {
     let mut out = Vec::new();
     for report in reports.iter().take(max_reports) {
-        for (i, line) in report.head(per_report).iter().enumerate() {
+        for (i, line) in telling_lines(report, per_report).iter().enumerate() {
             if i == 0 {
                 out.push(format!("kernel {}: {line}", report.kind));
             } else {
@@ -105,4 +105,57 @@ pub fn diagnostics(reports: &[Report], max_reports: usize, per_report: usize) ->
         ));
     }
     out
+}
+
+/// The lines that say most about a report, at most `n`: its header, then the first frames of
+/// its call trace (where the bug is), then what follows the header (access sizes, registers).
+fn telling_lines(report: &Report, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = report.lines.iter().map(String::as_str).collect();
+    let Some((&header, rest)) = lines.split_first() else {
+        return Vec::new();
+    };
+    let mut out = vec![header];
+    if let Some(at) = rest.iter().position(|l| l.starts_with("Call trace:")) {
+        out.extend(
+            rest[at..]
+                .iter()
+                .take((n / 2).max(2))
+                .filter(|l| !l.is_empty()),
+        );
+    }
+    for line in rest {
+        if out.len() >= n {
+            break;
+        }
+        if !out.contains(line) {
+            out.push(line);
+        }
+    }
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gracevm_contract::kernel_log::Kind;
+
+    #[test]
+    fn test_diagnostics_show_header_then_call_trace() {
+        let mut lines =
+            vec!["Unable to handle kernel paging request at dead000000000100".to_string()];
+        lines.extend((0..20).map(|i| format!("noise {i}")));
+        lines.push("Call trace:".into());
+        lines.push(" nvgrace_gpu_destroy_egm_aux_device+0x54/0xd8".into());
+        lines.push(" nvgrace_gpu_remove+0x14/0x30".into());
+        let r = Report {
+            kind: Kind::Oops,
+            lines,
+        };
+        let d = diagnostics(&[r], 1, 6);
+        assert_eq!(d.len(), 6);
+        assert!(d[0].starts_with("kernel oops: Unable to handle"));
+        assert!(d[1].contains("Call trace:"));
+        assert!(d[2].contains("nvgrace_gpu_destroy_egm_aux_device"));
+    }
 }

@@ -186,6 +186,9 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
 
 /// How a failure caused by the test process dying (an oops kills it) begins.
 const DIED: &str = "test process";
+/// How a failure begins when the test panicked, as it does when an oops killed one of its
+/// threads.
+const PANICKED: &str = "test panicked";
 
 /// Sanitizers and lockdep slow everything several times over (more under nested emulation).
 fn timeout_scale() -> u32 {
@@ -223,7 +226,7 @@ fn judge(
     };
     Report::Done(match (outcome, unknown.first()) {
         // The oops that killed the test process is the known finding: an expected failure.
-        (Outcome::Fail(why), None) if why.starts_with(DIED) => {
+        (Outcome::Fail(why), None) if why.starts_with(DIED) || why.starts_with(PANICKED) => {
             let first = &reports[0];
             let finding = expected(first).map(|f| f.to_string()).unwrap_or_default();
             Outcome::xfail(format!(
@@ -345,7 +348,7 @@ fn interpret(stdout: &[u8], stderr: &[u8], status: Option<ExitStatus>) -> (Vec<S
         return (notes, Report::TimedOut);
     };
     let report = match (outcome, panic) {
-        (_, Some(text)) => Outcome::fail(format!("test panicked: {}", text.replace('\n', " "))),
+        (_, Some(text)) => Outcome::fail(format!("{PANICKED}: {}", text.replace('\n', " "))),
         (Some(outcome), None) if status.success() => outcome,
         (Some(outcome), None) => {
             notes.push(format!("test process {}", describe(status)));
