@@ -80,6 +80,19 @@ enum Command {
         /// host's cores.
         #[arg(long, env = "GRACEVM_PARALLEL", value_name = "N")]
         parallel: Option<usize>,
+        /// Run shard K of N: every N-th scenario in name order, starting at the K-th (1-based),
+        /// so N jobs together run each scenario once; `gracevm merge` joins their results.
+        #[arg(long, env = "GRACEVM_SHARD", value_name = "K/N")]
+        shard: Option<String>,
+    },
+    /// Join the results of several runs (shards) into one report: results.json, results.ktap,
+    /// junit.xml, kcidb.json; the exit status is the worst of them.
+    Merge {
+        /// Output directories of the runs to join.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Write what the guest's firmware would hand the kernel: the DTB and each ACPI table.
     Firmware {
@@ -259,8 +272,24 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
             scenarios_dir,
             name,
             parallel,
+            shard,
         } => {
-            let runs = scenario_list(&guest, &scenarios, all_scenarios, &scenarios_dir, &name)?;
+            let mut runs = scenario_list(&guest, &scenarios, all_scenarios, &scenarios_dir, &name)?;
+            if let Some(shard) = shard {
+                let (k, n) = parse_shard(&shard).map_err(Usage)?;
+                runs = runs
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % n == k - 1)
+                    .map(|(_, r)| r)
+                    .collect();
+                if runs.is_empty() {
+                    return usage(format!(
+                        "--shard {shard}: no scenario falls in this shard (fewer scenarios than shards)"
+                    ));
+                }
+                info!("shard {k}/{n}: {} scenario(s)", runs.len());
+            }
             create_out(&out)?;
             let parallel = match parallel {
                 Some(0) => return usage("--parallel 0: at least one scenario must run"),
@@ -269,6 +298,7 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
             };
             test(&runs, &out, parallel, watch)
         }
+        Command::Merge { runs, out } => merge(&runs, &out),
         Command::Firmware {
             platform,
             cpus,
@@ -921,8 +951,86 @@ fn test_nested(
         .collect())
 }
 
+/// `K/N` with 1 <= K <= N.
+fn parse_shard(text: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("--shard {text}: expected K/N with 1 <= K <= N (e.g. 2/4)");
+    let (k, n) = text.split_once('/').ok_or_else(bad)?;
+    let (k, n): (usize, usize) = (
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if k == 0 || k > n {
+        return Err(bad());
+    }
+    Ok((k, n))
+}
+
+/// `gracevm merge`: the scenarios of every run, in name order, as one summary.
+fn merge(runs: &[PathBuf], out: &Path) -> Result<i32> {
+    let mut scenarios = Vec::new();
+    let mut reports = Vec::new();
+    for dir in runs {
+        let path = dir.join("results.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Usage(format!(
+                "{}: {e} (merge takes the output directories of gracevm test runs)",
+                path.display()
+            ))
+        })?;
+        let summary: SummaryIn = serde_json::from_str(&text).map_err(|e| {
+            Usage(format!(
+                "{} is not a gracevm results.json: {e}",
+                path.display()
+            ))
+        })?;
+        scenarios.extend(summary.scenarios);
+        if let Ok(text) = std::fs::read_to_string(dir.join("kcidb.json")) {
+            reports.push(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("reading {}/kcidb.json", dir.display()))?,
+            );
+        }
+    }
+    scenarios.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = scenarios.windows(2).find(|w| w[0].name == w[1].name) {
+        return usage(format!(
+            "scenario {} is in more than one run: shards of one matrix do not overlap",
+            w[0].name
+        ));
+    }
+    create_out(out)?;
+    let summary = Summary::new(scenarios);
+    summary.write(out)?;
+    if !reports.is_empty() {
+        kcidb::write(out, &kcidb::merge(&reports))?;
+    }
+    print!("{}", summary.ktap());
+    let c = &summary.counts;
+    eprintln!(
+        "summary: {} passed, {} failed, {} skipped",
+        c.pass,
+        c.fail,
+        c.skip + c.xfail
+    );
+    Ok(summary.exit_code)
+}
+
 /// results.json as read back from a nested run.
 #[derive(serde::Deserialize)]
 struct SummaryIn {
     scenarios: Vec<ScenarioResult>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_shard_accepts_k_of_n_only() {
+        assert_eq!(parse_shard("1/1"), Ok((1, 1)));
+        assert_eq!(parse_shard(" 2/4 "), Ok((2, 4)));
+        for bad in ["0/2", "3/2", "2", "a/b", "1/0", "-1/2", ""] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -247,6 +247,29 @@ fn short(hash: &str) -> &str {
     &hash[..hash.len().min(16)]
 }
 
+/// Several runs' reports as one (shards of one matrix): checkouts and builds once each (by
+/// id), every test.
+pub fn merge(reports: &[Value]) -> Value {
+    let mut merged = json!({
+        "version": { "major": 5, "minor": 3 },
+        "checkouts": [], "builds": [], "tests": [],
+    });
+    for key in ["checkouts", "builds", "tests"] {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut items = Vec::new();
+        for r in reports {
+            for item in r[key].as_array().into_iter().flatten() {
+                let id = item["id"].as_str().unwrap_or_default().to_string();
+                if key == "tests" || seen.insert(id) {
+                    items.push(item.clone());
+                }
+            }
+        }
+        merged[key] = Value::Array(items);
+    }
+    merged
+}
+
 /// Writes `dir/kcidb.json`.
 pub fn write(dir: &Path, report: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(report).expect("KCIDB report serialises");
@@ -344,6 +367,18 @@ mod tests {
             "2026-11-29T00:00:00Z",
         );
         std::fs::write(path, serde_json::to_string(&r).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn test_merge_keeps_one_checkout_and_every_test() {
+        let a = report(&summary(), None, "run1", "00", "t");
+        let b = report(&summary(), None, "run2", "00", "t");
+        let m = merge(&[a.clone(), b]);
+        assert_eq!(m["checkouts"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            m["tests"].as_array().unwrap().len(),
+            2 * a["tests"].as_array().unwrap().len()
+        );
     }
 
     #[test]
