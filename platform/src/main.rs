@@ -274,9 +274,12 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
             parallel,
             shard,
         } => {
+            let shard = match shard {
+                Some(text) => Some((parse_shard(&text).map_err(Usage)?, text)),
+                None => None,
+            };
             let mut runs = scenario_list(&guest, &scenarios, all_scenarios, &scenarios_dir, &name)?;
-            if let Some(shard) = shard {
-                let (k, n) = parse_shard(&shard).map_err(Usage)?;
+            if let Some(((k, n), shard)) = shard {
                 runs = runs
                     .into_iter()
                     .enumerate()
