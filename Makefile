@@ -91,12 +91,22 @@ endif
 BUSYBOX := $(CACHE)/busybox/bin/busybox
 INITRD  := target/gracevm/guest.cpio
 
-# aarch64 binaries: native on an aarch64 host, cross-built with Debian's rustc elsewhere.
+# aarch64 binaries: native on an aarch64 host; elsewhere cross-built, with rustup's aarch64
+# target when it is installed, else with Debian's rustc-web and its arm64 std.
 ifeq ($(HOST_ARCH),aarch64)
 AARCH64_CARGO := cargo
 AARCH64_DIR   := target/release
 else
-AARCH64_CARGO := RUSTC=/usr/bin/rustc cargo
+RUSTUP_TARGET := $(shell rustup target list --installed 2>/dev/null | grep -qx $(TARGET) && echo yes)
+ifeq ($(RUSTUP_TARGET),yes)
+AARCH64_CARGO  := cargo
+AARCH64_CLIPPY := cargo clippy
+CROSS_PKGS     := gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+else
+AARCH64_CARGO  := RUSTC=/usr/bin/rustc cargo
+AARCH64_CLIPPY := RUSTC=/usr/bin/rustc /usr/bin/cargo-clippy clippy
+CROSS_PKGS     := rustc-web rust-web-clippy libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+endif
 AARCH64_FLAGS := --target $(TARGET) --target-dir target/cross
 AARCH64_DIR   := target/cross/$(TARGET)/release
 endif
@@ -125,8 +135,7 @@ help:
 ifeq ($(HOST_ARCH),aarch64)
 APT_PKGS := gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler acpica-tools kmod
 else
-APT_PKGS := rustc-web rust-web-clippy libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
-            qemu-system-arm gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils \
+APT_PKGS := $(CROSS_PKGS) qemu-system-arm gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils \
             device-tree-compiler acpica-tools kmod
 endif
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -137,7 +146,17 @@ deps:
 	    echo "[deps] installing host packages: $(APT_PKGS)"; \
 	    if [ "$(HOST_ARCH)" != aarch64 ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then \
 	        $(SUDO) dpkg --add-architecture arm64; fi; \
-	    $(SUDO) apt-get -q update >/dev/null; \
+	    $(SUDO) apt-get -q update >/dev/null 2>&1 || echo "[deps] apt-get update reported errors (a missing mirror?)"; \
+	    missing=; for p in $(APT_PKGS); do \
+	        apt-cache policy "$$p" 2>/dev/null | grep -q 'Candidate: [0-9]' || missing="$$missing $$p"; done; \
+	    if [ -n "$$missing" ]; then \
+	        echo "deps: apt has no candidate for:$$missing." >&2; \
+	        echo "  gracevm cross-builds its aarch64 parts with Debian 12's rustc-web and arm64 std, and takes" >&2; \
+	        echo "  arm64 packages (busybox-static:arm64) from the distribution. Either install the Rust target" >&2; \
+	        echo "  with 'rustup target add $(TARGET)' (then rustc-web is not needed), or, on Ubuntu, add" >&2; \
+	        echo "  its ubuntu-ports mirror for arm64 ('[arch=arm64]' entries, '[arch=amd64]' on the others)." >&2; \
+	        exit 2; \
+	    fi; \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q install -y --no-install-recommends $(APT_PKGS) >/dev/null; \
 	 fi
 	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 2; }
@@ -190,7 +209,7 @@ lint: deps
 	@cargo fmt --all -- --check
 	@cargo clippy -q --workspace --all-targets -- -D warnings
 ifneq ($(HOST_ARCH),aarch64)
-	@RUSTC=/usr/bin/rustc /usr/bin/cargo-clippy clippy -q --target $(TARGET) --target-dir target/cross-clippy \
+	@$(AARCH64_CLIPPY) -q --target $(TARGET) --target-dir target/cross-clippy \
 	    -p gracevm -p guest-suite -- -D warnings
 endif
 
