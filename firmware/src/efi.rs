@@ -184,20 +184,9 @@ pub fn system_table(base: u64, rsdp: u64) -> Vec<u8> {
     b
 }
 
-/// CRC-32 (IEEE 802.3), as EFI table headers use it.
+/// The CRC32 the EFI table headers carry (IEEE 802.3, as UEFI specifies).
 pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 #[cfg(test)]

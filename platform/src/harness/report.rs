@@ -199,83 +199,49 @@ impl Summary {
     /// JUnit XML for CI systems: a testsuite per scenario. XFAIL (a known deviation) is
     /// reported as skipped with its reason, so it neither fails the build nor passes silently.
     pub fn junit(&self) -> String {
-        let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        let c = &self.counts;
-        x += &format!(
-            "<testsuites name=\"gracevm\" tests=\"{}\" failures=\"{}\" skipped=\"{}\">\n",
-            c.pass + c.fail + c.skip + c.xfail,
-            c.fail,
-            c.skip + c.xfail
-        );
+        use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+        let mut report = Report::new("gracevm");
         for s in &self.scenarios {
-            let c = &s.counts;
-            x += &format!(
-                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" skipped=\"{}\" time=\"{:.3}\">\n",
-                xml(&s.name),
-                s.tests.len(),
-                c.fail,
-                c.skip + c.xfail,
-                s.wall_ms / 1e3
-            );
+            let mut suite = TestSuite::new(s.name.as_str());
+            suite.set_time(std::time::Duration::from_secs_f64(s.wall_ms.max(0.0) / 1e3));
             for t in &s.tests {
                 let reason = t.reason.as_deref().unwrap_or("");
-                x += &format!(
-                    "    <testcase classname=\"{}\" name=\"{}\"",
-                    xml(&s.name),
-                    xml(&t.name)
-                );
+                let status = match t.result {
+                    Verdict::Pass => TestCaseStatus::success(),
+                    Verdict::Fail => {
+                        let mut st = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                        st.set_message(reason);
+                        st
+                    }
+                    Verdict::Skip => {
+                        let mut st = TestCaseStatus::skipped();
+                        st.set_message(reason);
+                        st
+                    }
+                    Verdict::Xfail => {
+                        let mut st = TestCaseStatus::skipped();
+                        st.set_message(format!("expected failure: {reason}"));
+                        st
+                    }
+                };
+                let mut case = TestCase::new(t.name.as_str(), status);
+                case.set_classname(s.name.as_str());
                 if let Some(ms) = t.duration_ms {
-                    x += &format!(" time=\"{:.3}\"", ms as f64 / 1e3);
+                    case.set_time(std::time::Duration::from_millis(ms));
                 }
-                let detail = xml(&t.diagnostics.join("\n"));
-                // Diagnostics (a kernel report's first lines among them) go with every
-                // result that has any.
-                let out = if detail.is_empty() {
-                    String::new()
-                } else {
-                    format!("<system-out>{detail}</system-out>")
-                };
-                let body = match t.result {
-                    Verdict::Pass if detail.is_empty() => None,
-                    Verdict::Pass => Some(format!("<system-out>{detail}</system-out>")),
-                    Verdict::Fail => Some(format!(
-                        "<failure message=\"{}\">{detail}</failure>",
-                        xml(reason)
-                    )),
-                    Verdict::Skip => Some(format!("<skipped message=\"{}\"/>{out}", xml(reason))),
-                    Verdict::Xfail => Some(format!(
-                        "<skipped message=\"expected failure: {}\"/>{out}",
-                        xml(reason)
-                    )),
-                };
-                match body {
-                    None => x += "/>\n",
-                    Some(b) => x += &format!(">\n      {b}\n    </testcase>\n"),
+                // Diagnostics (a kernel report's first lines among them) go with every result
+                // that has any.
+                if !t.diagnostics.is_empty() {
+                    case.set_system_out(t.diagnostics.join("\n"));
                 }
+                suite.add_test_case(case);
             }
-            x += "  </testsuite>\n";
+            report.add_test_suite(suite);
         }
-        x += "</testsuites>\n";
-        x
+        report
+            .to_string()
+            .unwrap_or_else(|e| format!("<!-- JUnit report could not be written: {e} -->\n"))
     }
-}
-
-/// Escape text for XML attributes and content.
-fn xml(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            // Characters XML 1.0 cannot carry at all (console garbage) become U+FFFD.
-            c if (c as u32) < 0x20 && !matches!(c, '\n' | '\t' | '\r') => out.push('\u{fffd}'),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -417,17 +383,17 @@ mod tests {
             None,
         )]);
         let x = sum.junit();
-        assert!(
-            x.contains("<testsuite name=\"s&lt;1&gt;\" tests=\"5\" failures=\"1\" skipped=\"2\""),
-            "{x}"
-        );
-        assert!(x.contains("got &lt;1&gt; &amp; &quot;2&quot;"), "{x}");
-        assert!(x.contains("<skipped message=\"no driver\"/>"), "{x}");
-        assert!(
-            x.contains("<skipped message=\"expected failure: review point\"/>"),
-            "{x}"
-        );
-        assert_eq!(xml("a\u{1}b"), "a\u{fffd}b");
+        for part in [
+            "name=\"s&lt;1&gt;\"",
+            "tests=\"5\"",
+            "failures=\"1\"",
+            "skipped=\"2\"",
+            "got &lt;1&gt; &amp; &quot;2&quot;",
+            "<skipped message=\"no driver\"/>",
+            "expected failure: review point",
+        ] {
+            assert!(x.contains(part), "{part} missing in {x}");
+        }
     }
 
     #[test]
