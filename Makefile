@@ -199,7 +199,7 @@ vmm: deps
 
 initramfs: vmm $(BUSYBOX)
 	@mkdir -p $(dir $(INITRD))
-	@tests/guest/mkinitramfs.sh $(BUSYBOX) $(SUITE) $(INITRD)
+	@$(HOST_VMM) initramfs --init tests/guest/init --busybox $(BUSYBOX) --suite $(SUITE) --out $(INITRD)
 
 # --- the two commands -----------------------------------------------------------------------
 # Formatting and clippy, including the aarch64-only KVM glue (linted with Debian's clippy for

@@ -31,7 +31,11 @@ impl Archive {
     }
 
     pub fn dir(&mut self, path: &str) -> io::Result<()> {
-        let b = self.entry(path, 0o755, ModeFileType::Directory).nlink(2);
+        self.dir_mode(path, 0o755)
+    }
+
+    pub fn dir_mode(&mut self, path: &str, mode: u32) -> io::Result<()> {
+        let b = self.entry(path, mode, ModeFileType::Directory).nlink(2);
         b.write(&mut self.buf, 0).finish()?;
         Ok(())
     }
@@ -63,6 +67,29 @@ impl Archive {
         }
         Ok(self.buf)
     }
+}
+
+/// The guest's base initramfs: gracevm's `/init` (tests/guest/init), a static aarch64
+/// busybox (/init makes its applet links at boot) and the in-guest suite, the device nodes
+/// the kernel needs before devtmpfs is mounted, and the empty mount points. The same inputs
+/// give the same bytes (owners root, mtimes 0).
+pub fn guest_base(init: &[u8], busybox: &[u8], suite: &[u8]) -> io::Result<Vec<u8>> {
+    let mut a = Archive::default();
+    a.dir("/dev")?;
+    a.char_dev("/dev/console", 0o600, 5, 1)?;
+    a.char_dev("/dev/null", 0o666, 1, 3)?;
+    a.dir("/bin")?;
+    a.file("/bin/busybox", 0o755, busybox)?;
+    a.file("/bin/gracevm-suite", 0o755, suite)?;
+    for d in ["/sbin", "/usr", "/usr/bin", "/usr/sbin"] {
+        a.dir(d)?;
+    }
+    a.dir_mode("/proc", 0o555)?;
+    a.dir_mode("/sys", 0o555)?;
+    a.dir_mode("/tmp", 0o1777)?;
+    a.dir_mode("/root", 0o700)?;
+    a.file("/init", 0o755, init)?;
+    a.finish()
 }
 
 /// Quote `s` as one POSIX shell word.
@@ -113,6 +140,22 @@ mod tests {
         );
         assert_eq!(e[2].1 & 0o170000, 0o020000);
         assert_eq!(e[2].3, 5);
+    }
+
+    #[test]
+    fn test_guest_base_has_init_tools_and_nodes() {
+        let data = guest_base(b"#!/bin/sh\n", b"bb", b"suite").unwrap();
+        let e = entries(&data);
+        let find = |n: &str| e.iter().find(|x| x.0 == n).unwrap();
+        assert_eq!(find("init").2, b"#!/bin/sh\n");
+        assert_eq!(find("init").1 & 0o777, 0o755);
+        assert_eq!(find("bin/gracevm-suite").2, b"suite");
+        assert_eq!(find("dev/null").3, 1);
+        assert_eq!(find("tmp").1 & 0o7777, 0o1777);
+        assert_eq!(
+            guest_base(b"i", b"b", b"s").unwrap(),
+            guest_base(b"i", b"b", b"s").unwrap()
+        );
     }
 
     #[test]

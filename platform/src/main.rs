@@ -85,6 +85,19 @@ enum Command {
         #[arg(long, env = "GRACEVM_SHARD", value_name = "K/N")]
         shard: Option<String>,
     },
+    /// Write the guest's base initramfs (gracevm's /init, busybox, the in-guest suite).
+    Initramfs {
+        #[arg(long)]
+        init: PathBuf,
+        /// A static aarch64 busybox.
+        #[arg(long)]
+        busybox: PathBuf,
+        /// The static aarch64 gracevm-suite.
+        #[arg(long)]
+        suite: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Join the results of several runs (shards) into one report: results.json, results.ktap,
     /// junit.xml, kcidb.json; the exit status is the worst of them.
     Merge {
@@ -302,6 +315,27 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
             test(&runs, &out, parallel, watch)
         }
         Command::Merge { runs, out } => merge(&runs, &out),
+        Command::Initramfs {
+            init,
+            busybox,
+            suite,
+            out,
+        } => {
+            let read = |p: &Path, what: &str| {
+                std::fs::read(p).map_err(|e| Usage(format!("{what} {}: {e}", p.display())))
+            };
+            let data = gracevm::initramfs::guest_base(
+                &read(&init, "init")?,
+                &read(&busybox, "busybox")?,
+                &read(&suite, "suite")?,
+            )?;
+            // Written whole, then renamed: a failed run leaves no half archive behind.
+            let tmp = out.with_extension("cpio.partial");
+            std::fs::write(&tmp, &data)
+                .and_then(|_| std::fs::rename(&tmp, &out))
+                .with_context(|| format!("writing {}", out.display()))?;
+            Ok(0)
+        }
         Command::Firmware {
             platform,
             cpus,
