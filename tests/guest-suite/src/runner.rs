@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gracevm_contract::findings::Finding;
 use gracevm_contract::kernel_log::Report as KernelReport;
@@ -32,6 +32,13 @@ use crate::registry::{Context, Test};
 pub const MARK: char = '\u{1e}';
 /// Argument that makes the binary run one test as a child.
 pub const RUN_ONE: &str = "--run-one";
+
+/// How often a waiting runner looks at the kernel's taint.
+const WAIT_SLICE: Duration = Duration::from_secs(1);
+/// How long a test may go on after the kernel oopsed in another task.
+const STUCK_AFTER_OOPS: Duration = Duration::from_secs(20);
+/// How long to wait for a killed test process to go.
+const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// How long to wait for a finished child's output pipes to close (a grandchild may hold them).
 /// Generous: on a loaded host the guest's vCPUs starve for whole seconds, and a drain cut
@@ -286,17 +293,44 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
     thread::spawn(move || {
         let _ = done_tx.send(child.wait());
     });
-    let status = match done_rx.recv_timeout(test.timeout) {
-        Ok(status) => Some(status?),
-        Err(_) => {
+    // Wait in slices, watching for a kernel oops: one in another task (a probe worker, say)
+    // can leave the test stuck in the kernel for good, and then waiting out the test's whole
+    // timeout, or for a SIGKILL it cannot act on, would stall the suite.
+    let died_before = kmsg::kernel_died();
+    let deadline = Instant::now() + test.timeout;
+    let mut after_oops: Option<Instant> = None;
+    let mut stuck = false;
+    let status = loop {
+        match done_rx.recv_timeout(WAIT_SLICE) {
+            Ok(status) => break Some(status?),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let now = Instant::now();
+        if !died_before && after_oops.is_none() && kmsg::kernel_died() {
+            after_oops = Some(now + STUCK_AFTER_OOPS);
+        }
+        stuck = after_oops.is_some_and(|t| now >= t);
+        if now >= deadline || stuck {
             kill_group(pid);
-            let _ = done_rx.recv();
-            None
+            // A process in uninterruptible sleep does not die: leave it after a grace.
+            let _ = done_rx.recv_timeout(KILL_GRACE);
+            break None;
         }
     };
     let stdout = stdout.recv_timeout(DRAIN_GRACE).unwrap_or_default();
     let stderr = stderr.recv_timeout(DRAIN_GRACE).unwrap_or_default();
-    Ok(interpret(&stdout, &stderr, status))
+    let (notes, report) = interpret(&stdout, &stderr, status);
+    if stuck {
+        return Ok((
+            notes,
+            Report::Done(Outcome::fail(format!(
+                "{DIED} was stuck in the kernel {} s after an oops in another task; abandoned",
+                STUCK_AFTER_OOPS.as_secs()
+            ))),
+        ));
+    }
+    Ok((notes, report))
 }
 
 /// Reads a pipe to its end on a thread; the bytes arrive on the returned channel.
