@@ -17,6 +17,8 @@ use std::fmt;
 pub const REPORT_LINES: usize = 80;
 /// A header this close to the previous report's header is part of the same event.
 pub const ABSORB_LINES: usize = 6;
+/// "Internal error: Oops" this close to an oops' first line is the same oops.
+pub const OOPS_CONTINUATION_LINES: usize = 24;
 
 /// What kind of kernel report a header line starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -235,8 +237,22 @@ impl Scanner {
     pub fn push(&mut self, line: &str) {
         let text = strip_prefix(line);
         if let Some(kind) = classify(line) {
+            // arm64 prints "Internal error: Oops" after the abort's register dump (a dozen
+            // lines) of the "Unable to handle kernel ..." that started the same oops.
+            let continues_oops = text.starts_with("Internal error: ")
+                && self.reports.last().is_some_and(|r| {
+                    matches!(
+                        r.kind,
+                        Kind::Oops | Kind::Bug | Kind::ListCorruption | Kind::Kasan
+                    )
+                });
+            let window = if continues_oops {
+                OOPS_CONTINUATION_LINES
+            } else {
+                ABSORB_LINES
+            };
             match (self.since_header, self.reports.last_mut()) {
-                (Some(n), Some(current)) if n < ABSORB_LINES => {
+                (Some(n), Some(current)) if n < window => {
                     // Same event: keep the more specific kind (a list corruption that then
                     // BUGs is a list corruption; an oops that then panics is a panic).
                     if kind == Kind::Panic || (current.kind == Kind::Oops && kind != Kind::Oops) {
@@ -475,6 +491,21 @@ mod tests {
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].kind, Kind::Oops);
         assert_eq!(reports[0].lines.len(), 5);
+    }
+
+    #[test]
+    fn test_scan_absorbs_internal_error_after_register_dump() {
+        let mut text =
+            String::from("Unable to handle kernel paging request at virtual address 07b0\n");
+        for i in 0..11 {
+            text.push_str(&format!("  abort info {i}\n"));
+        }
+        text.push_str(
+            "Internal error: Oops: 0000000096000004 [#1]  SMP\nCall trace:\n nvgrace_x+0x1\n",
+        );
+        let reports = scan(&text);
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].in_code("nvgrace"));
     }
 
     #[test]
