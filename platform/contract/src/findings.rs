@@ -74,6 +74,15 @@ pub const NO_LOCKING: Finding = Finding {
     open: true,
 };
 
+pub const TOO_SMALL_BUFFER: Finding = Finding {
+    key: "too-small-buffer",
+    patch: "v2 12/15",
+    summary: "a retired-pages buffer too small for the list returns 0 (argsz updated, count \
+              0) rather than -ENOSPC",
+    message_id: "v2 12/15 review",
+    open: true,
+};
+
 pub const MINOR_NUMBERS: Finding = Finding {
     key: "minor-numbers",
     patch: "v2 06/15, 14/15",
@@ -131,6 +140,7 @@ pub const ALL: &[Finding] = &[
     AUX_ADD_DOUBLE_FREE,
     SHARED_REGION_UAF,
     NO_LOCKING,
+    TOO_SMALL_BUFFER,
     MINOR_NUMBERS,
     MAP_PRIVATE,
     V1_MMAP_BOUNDS,
