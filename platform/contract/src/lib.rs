@@ -8,7 +8,9 @@
 //! - [`findings`]: the bugs reviewers found in the EGM series, named once, so a test that
 //!   reproduces one says which.
 //! - [`protocol`]: the suite's non-KTAP console lines the host reads.
+//! - [`testdev`]: the test device's registers, commands, status codes and boot pattern.
 
 pub mod findings;
 pub mod kernel_log;
 pub mod protocol;
+pub mod testdev;

@@ -36,42 +36,15 @@ use super::{le_value, put_le_value, MmioDevice, WarnLimiter};
 
 const NAME: &str = "testdev";
 
-/// Written to BOOT by the guest when it has booted.
-pub const BOOT_MAGIC: u32 = 0x7472_6762;
-/// Value of the ID register.
-pub const DEVICE_ID: u32 = 0x6772_766d;
-
-/// Size of the register window.
-const WINDOW_LEN: u64 = 0x1000;
-/// The only access size the device decodes.
-const ACCESS_SIZE: usize = 4;
-
-const BOOT: u64 = 0x000;
-const ID: u64 = 0x004;
-const PROBE_FIRST: u64 = 0x008;
-const PROBE_LAST: u64 = 0x02C;
-
-pub const STATUS_OK: u32 = 0;
-pub const STATUS_MISMATCH: u32 = 1;
-pub const STATUS_OUTSIDE: u32 = 2;
-pub const STATUS_BAD_REQUEST: u32 = 3;
-pub const STATUS_NONE: u32 = 0xffff_ffff;
-
-/// Probe commands written to CMD.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cmd {
-    /// VAL = the u64 at ADDR.
-    Peek = 1,
-    /// Every u64 in [ADDR, ADDR+LEN) still holds the boot pattern of its region.
-    CheckPattern = 2,
-    /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
-    CheckValue = 3,
-}
-
-/// The boot-time fill of observable regions: u64 at byte `offset` of a region with `seed`.
-pub fn pattern_word(seed: u64, offset: u64) -> u64 {
-    seed ^ offset
-}
+// The register map, commands, status codes and boot pattern are the contract with the
+// in-guest suite: one definition, in gracevm-contract.
+pub use gracevm_contract::testdev::{
+    pattern_word, Cmd, BOOT_MAGIC, DEVICE_ID, STATUS_BAD_REQUEST, STATUS_MISMATCH, STATUS_NONE,
+    STATUS_OK, STATUS_OUTSIDE,
+};
+use gracevm_contract::testdev::{
+    ACCESS_SIZE, ADDR as PROBE_FIRST, BOOT, ID, LAST as PROBE_LAST, WINDOW_LEN,
+};
 
 /// A guest memory range the VMM lets the guest probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,14 +116,17 @@ impl Probe {
     }
 
     /// Run a command; returns STATUS.
-    fn run(&mut self, cmd: u32) -> u32 {
+    fn run(&mut self, raw: u32) -> u32 {
+        let Some(cmd) = Cmd::from_raw(raw) else {
+            return STATUS_BAD_REQUEST;
+        };
         let addr = self.get64(R_ADDR);
-        let len = if cmd == Cmd::Peek as u32 {
+        let len = if cmd == Cmd::Peek {
             8
         } else {
             self.get64(R_LEN)
         };
-        if !(1..=3).contains(&cmd) || addr % 8 != 0 || len == 0 || len % 8 != 0 {
+        if addr % 8 != 0 || len == 0 || len % 8 != 0 {
             return STATUS_BAD_REQUEST;
         }
         let Some(end) = addr.checked_add(len) else {
@@ -176,12 +152,12 @@ impl Probe {
                 let got = u64::from_le_bytes(word.try_into().expect("8 bytes"));
                 let at = done + 8 * i as u64;
                 let want = match cmd {
-                    1 => {
+                    Cmd::Peek => {
                         self.set64(R_VAL, got);
                         return STATUS_OK;
                     }
-                    2 => pattern_word(region.seed, addr - region.base + at),
-                    _ => want_value,
+                    Cmd::CheckPattern => pattern_word(region.seed, addr - region.base + at),
+                    Cmd::CheckValue => want_value,
                 };
                 if got != want {
                     self.set64(R_WHERE, at);

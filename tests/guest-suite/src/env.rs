@@ -197,7 +197,7 @@ impl Carveout {
 
     /// The boot-time fill: the u64 at byte `offset` from `base`.
     pub fn pattern_word(&self, offset: u64) -> u64 {
-        self.seed ^ offset
+        gracevm_contract::testdev::pattern_word(self.seed, offset)
     }
 
     /// Whether `[start, end)` (exclusive end) shares a byte with the carve-out.

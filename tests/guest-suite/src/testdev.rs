@@ -21,34 +21,26 @@
 
 use std::fmt;
 
+use gracevm_contract::testdev;
+
 use crate::devmem::{Access, PhysMap};
 use crate::env::{GuestEnv, ENV_PATH, TESTDEV};
 use crate::outcome::Outcome;
 
-/// Value of the ID register.
-pub const DEVICE_ID: u32 = 0x6772_766d;
 /// Size of the register page.
-pub const PAGE_LEN: usize = 0x1000;
+pub const PAGE_LEN: usize = testdev::WINDOW_LEN as usize;
 
-const BOOT: usize = 0x000;
-const ID: usize = 0x004;
-const ADDR: usize = 0x008;
-const LEN: usize = 0x010;
-const VAL: usize = 0x018;
-const CMD: usize = 0x020;
-const STATUS: usize = 0x024;
-const WHERE: usize = 0x028;
+// The register map and commands are the contract with the VMM (gracevm-contract).
+pub use gracevm_contract::testdev::{Cmd, DEVICE_ID};
 
-/// A probe command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cmd {
-    /// VAL = the u64 at ADDR.
-    Peek = 1,
-    /// Every u64 in [ADDR, ADDR+LEN) still holds its region's boot pattern (`seed ^ offset`).
-    CheckPattern = 2,
-    /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
-    CheckValue = 3,
-}
+const BOOT: usize = testdev::BOOT as usize;
+const ID: usize = testdev::ID as usize;
+const ADDR: usize = testdev::ADDR as usize;
+const LEN: usize = testdev::LEN as usize;
+const VAL: usize = testdev::VAL as usize;
+const CMD: usize = testdev::CMD as usize;
+const STATUS: usize = testdev::STATUS as usize;
+const WHERE: usize = testdev::WHERE as usize;
 
 /// What the VMM answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,13 +158,13 @@ impl<R: Registers> TestDev<R> {
         }
         self.regs.write32(CMD, cmd as u32);
         Ok(match self.regs.read32(STATUS) {
-            0 => Status::Ok,
-            1 => Status::Mismatch {
+            testdev::STATUS_OK => Status::Ok,
+            testdev::STATUS_MISMATCH => Status::Mismatch {
                 at: self.read64(WHERE),
             },
-            2 => Status::Outside,
-            3 => Status::BadRequest,
-            0xffff_ffff => Status::None,
+            testdev::STATUS_OUTSIDE => Status::Outside,
+            testdev::STATUS_BAD_REQUEST => Status::BadRequest,
+            testdev::STATUS_NONE => Status::None,
             raw => Status::Unknown(raw),
         })
     }
@@ -214,12 +206,16 @@ mod tests {
         fn new(probe: bool) -> Model {
             let seed = 0x6772_6163_6500_0004;
             let mut regs = [0; 12];
-            regs[STATUS / 4] = 0xffff_ffff;
+            regs[STATUS / 4] = testdev::STATUS_NONE;
             Model {
                 regs: RefCell::new(regs),
                 probe,
                 region_base: 0x80_0000_0000,
-                words: RefCell::new((0..512u64).map(|i| seed ^ (i * 8)).collect()),
+                words: RefCell::new(
+                    (0..512u64)
+                        .map(|i| testdev::pattern_word(seed, i * 8))
+                        .collect(),
+                ),
                 seed,
             }
         }
@@ -254,7 +250,7 @@ mod tests {
                         self.set64(VAL, got);
                         return 0;
                     }
-                    2 => self.seed ^ offset,
+                    2 => testdev::pattern_word(self.seed, offset),
                     _ => self.get64(VAL),
                 };
                 if got != want {

@@ -1,0 +1,89 @@
+//! gracevm's test device, as both sides see it: a 4 KiB page of 32-bit registers (4-byte
+//! accesses only) through which the guest reports its boot to the VMM and asks what the VMM
+//! sees in guest memory.
+//!
+//! | Offset | Register            | Access | Meaning                                              |
+//! |--------|---------------------|--------|------------------------------------------------------|
+//! | 0x000  | BOOT                | RW     | W [`BOOT_MAGIC`]: boot time recorded (first write);  |
+//! |        |                     |        | R: 1 once recorded, else 0                           |
+//! | 0x004  | ID                  | RO     | [`DEVICE_ID`]                                        |
+//! | 0x008  | ADDR_LO / ADDR_HI   | RW     | guest physical address of a probe (8-byte aligned)   |
+//! | 0x010  | LEN_LO / LEN_HI     | RW     | probe length in bytes (multiple of 8)                |
+//! | 0x018  | VAL_LO / VAL_HI     | RW     | CHECK_VALUE operand; PEEK result                     |
+//! | 0x020  | CMD                 | WO     | a [`Cmd`]                                            |
+//! | 0x024  | STATUS              | RO     | a [`Status`] code; [`STATUS_NONE`] before any command|
+//! | 0x028  | WHERE_LO / WHERE_HI | RO     | offset from ADDR of the first mismatch               |
+//!
+//! A command runs while the CMD write traps, so STATUS is final when the write returns. Every
+//! probed region was filled at boot with [`pattern_word`] in every u64.
+
+/// Size of the register page.
+pub const WINDOW_LEN: u64 = 0x1000;
+/// The only access size the device decodes.
+pub const ACCESS_SIZE: usize = 4;
+
+pub const BOOT: u64 = 0x000;
+pub const ID: u64 = 0x004;
+pub const ADDR: u64 = 0x008;
+pub const LEN: u64 = 0x010;
+pub const VAL: u64 = 0x018;
+pub const CMD: u64 = 0x020;
+pub const STATUS: u64 = 0x024;
+pub const WHERE: u64 = 0x028;
+/// The last register (WHERE_HI).
+pub const LAST: u64 = 0x02C;
+
+/// Written to BOOT by the guest's /init when it reaches userspace ("grtb").
+pub const BOOT_MAGIC: u32 = 0x7472_6762;
+/// Value of the ID register ("gvrm").
+pub const DEVICE_ID: u32 = 0x6772_766d;
+
+/// Probe commands written to CMD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmd {
+    /// VAL = the u64 at ADDR.
+    Peek = 1,
+    /// Every u64 in [ADDR, ADDR+LEN) still holds its region's boot pattern.
+    CheckPattern = 2,
+    /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
+    CheckValue = 3,
+}
+
+impl Cmd {
+    pub fn from_raw(raw: u32) -> Option<Cmd> {
+        match raw {
+            1 => Some(Cmd::Peek),
+            2 => Some(Cmd::CheckPattern),
+            3 => Some(Cmd::CheckValue),
+            _ => None,
+        }
+    }
+}
+
+pub const STATUS_OK: u32 = 0;
+pub const STATUS_MISMATCH: u32 = 1;
+pub const STATUS_OUTSIDE: u32 = 2;
+pub const STATUS_BAD_REQUEST: u32 = 3;
+pub const STATUS_NONE: u32 = 0xffff_ffff;
+
+/// The boot-time fill of probed regions: the u64 at byte `offset` of a region with `seed`.
+pub fn pattern_word(seed: u64, offset: u64) -> u64 {
+    seed ^ offset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_registers_in_window_and_commands_round_trip() {
+        for r in [BOOT, ID, ADDR, LEN, VAL, CMD, STATUS, WHERE, LAST] {
+            assert!(r < WINDOW_LEN && r % ACCESS_SIZE as u64 == 0);
+        }
+        for c in [Cmd::Peek, Cmd::CheckPattern, Cmd::CheckValue] {
+            assert_eq!(Cmd::from_raw(c as u32), Some(c));
+        }
+        assert_eq!(Cmd::from_raw(0), None);
+        assert_eq!(pattern_word(0xff, 8), 0xf7);
+    }
+}
