@@ -274,21 +274,12 @@ impl<'de> Deserialize<'de> for Readiness {
     }
 }
 
-/// The firmware properties of a GPU function, in the order they are emitted (all u64).
-pub const GPU_MEM_BASE_PA: &str = "nvidia,gpu-mem-base-pa";
-pub const GPU_MEM_SIZE: &str = "nvidia,gpu-mem-size";
-pub const EGM_PXM: &str = "nvidia,egm-pxm";
-pub const EGM_BASE_PA: &str = "nvidia,egm-base-pa";
-pub const EGM_SIZE: &str = "nvidia,egm-size";
-pub const EGM_RETIRED_PAGES_DATA_BASE: &str = "nvidia,egm-retired-pages-data-base";
-pub const GPU_PROPERTIES: [&str; 6] = [
-    GPU_MEM_BASE_PA,
-    GPU_MEM_SIZE,
-    EGM_PXM,
-    EGM_BASE_PA,
-    EGM_SIZE,
-    EGM_RETIRED_PAGES_DATA_BASE,
-];
+/// The firmware properties of a GPU function, in the order they are emitted (all u64): the
+/// contract with the in-guest suite.
+pub use gracevm_contract::properties::{
+    ALL as GPU_PROPERTIES, EGM_BASE_PA, EGM_PXM, EGM_RETIRED_PAGES_DATA_BASE, EGM_SIZE,
+    GPU_MEM_BASE_PA, GPU_MEM_SIZE,
+};
 
 /// PCI vendor id of every modelled GPU.
 pub const NVIDIA_VENDOR_ID: u16 = 0x10de;

@@ -153,7 +153,7 @@ fn gpu_entry(platform: &Platform, map: &firmware::MemoryMap, g: &firmware::GpuFu
     };
     let props: Vec<String> = firmware::gpu_properties(platform, map, g)
         .into_iter()
-        .map(|(name, v)| format!("{}:{v:#x}", name.trim_start_matches("nvidia,")))
+        .map(|(name, v)| format!("{}:{v:#x}", gracevm_contract::properties::short_name(name)))
         .collect();
     format!(
         "bdf=0000:00:{:02x}.{};id={:04x}:{:04x};style={style};readiness={readiness};mem={:#x}+{:#x};props={}",

@@ -7,10 +7,12 @@
 //!   the host reads the console with it.
 //! - [`findings`]: the bugs reviewers found in the EGM series, named once, so a test that
 //!   reproduces one says which.
+//! - [`properties`]: the GPU function's `nvidia,*` firmware property names.
 //! - [`protocol`]: the suite's non-KTAP console lines the host reads.
 //! - [`testdev`]: the test device's registers, commands, status codes and boot pattern.
 
 pub mod findings;
 pub mod kernel_log;
+pub mod properties;
 pub mod protocol;
 pub mod testdev;

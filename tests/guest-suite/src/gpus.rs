@@ -28,12 +28,13 @@ pub const KCONFIG: &str = "NVGRACE_GPU_VFIO_PCI";
 /// The EGM series' option (trees carrying "Add virtualization support for EGM").
 pub const EGM_KCONFIG: &str = "NVGRACE_EGM";
 
-pub const PROP_MEM_BASE: &str = "gpu-mem-base-pa";
-pub const PROP_MEM_SIZE: &str = "gpu-mem-size";
-pub const PROP_EGM_PXM: &str = "egm-pxm";
-pub const PROP_EGM_BASE: &str = "egm-base-pa";
-pub const PROP_EGM_SIZE: &str = "egm-size";
-pub const PROP_EGM_RETIRED: &str = "egm-retired-pages-data-base";
+// The `nvidia,*` property names (without the prefix, as /gracevm/env carries them): the
+// contract with the VMM's firmware.
+pub use gracevm_contract::properties::short::{
+    EGM_BASE_PA as PROP_EGM_BASE, EGM_PXM as PROP_EGM_PXM,
+    EGM_RETIRED_PAGES_DATA_BASE as PROP_EGM_RETIRED, EGM_SIZE as PROP_EGM_SIZE,
+    GPU_MEM_BASE_PA as PROP_MEM_BASE, GPU_MEM_SIZE as PROP_MEM_SIZE,
+};
 
 /// Hopper's resmem tail (`SZ_1G`).
 pub const RESMEM_SIZE: u64 = 1 << 30;
