@@ -91,6 +91,15 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
     }
     put("BOOT_TIMER", format!("{:#x}", layout::TESTDEV_BASE));
     put("TESTDEV", format!("{:#x}", layout::TESTDEV_BASE));
+    // Where and what /init writes to end the run when its kernel cannot power off.
+    put(
+        "POWER_OFF",
+        format!(
+            "'{:#x} {:#x}'",
+            layout::TESTDEV_BASE + gracevm_contract::testdev::POWER,
+            gracevm_contract::testdev::POWER_OFF_MAGIC
+        ),
+    );
     put("CPUS", platform.vcpus.to_string());
     put("SYSTEM_RAM", platform.system_ram().to_string());
     put("BOOT_MODE", platform.boot.to_string());

@@ -13,6 +13,10 @@
 //! | 0x020  | CMD                 | WO     | a [`Cmd`]                                            |
 //! | 0x024  | STATUS              | RO     | a [`Status`] code; [`STATUS_NONE`] before any command|
 //! | 0x028  | WHERE_LO / WHERE_HI | RO     | offset from ADDR of the first mismatch               |
+//! | 0x030  | POWER               | WO     | [`POWER_OFF_MAGIC`]: end the run as a power-off      |
+//!
+//! POWER is for a guest whose kernel can no longer shut down (an oops left a task holding a
+//! device lock, and device shutdown would wait on it forever): /init writes it instead.
 //!
 //! A command runs while the CMD write traps, so STATUS is final when the write returns. Every
 //! probed region was filled at boot with [`pattern_word`] in every u64.
@@ -30,11 +34,14 @@ pub const VAL: u64 = 0x018;
 pub const CMD: u64 = 0x020;
 pub const STATUS: u64 = 0x024;
 pub const WHERE: u64 = 0x028;
-/// The last register (WHERE_HI).
+/// The last probe register (WHERE_HI).
 pub const LAST: u64 = 0x02C;
+pub const POWER: u64 = 0x030;
 
 /// Written to BOOT by the guest's /init when it reaches userspace ("grtb").
 pub const BOOT_MAGIC: u32 = 0x7472_6762;
+/// Written to POWER: the guest asks the VMM to end the run as if it had powered off ("off!").
+pub const POWER_OFF_MAGIC: u32 = 0x2166_666f;
 /// Value of the ID register ("gvrm").
 pub const DEVICE_ID: u32 = 0x6772_766d;
 
@@ -77,7 +84,7 @@ mod tests {
 
     #[test]
     fn test_registers_in_window_and_commands_round_trip() {
-        for r in [BOOT, ID, ADDR, LEN, VAL, CMD, STATUS, WHERE, LAST] {
+        for r in [BOOT, ID, ADDR, LEN, VAL, CMD, STATUS, WHERE, LAST, POWER] {
             assert!(r < WINDOW_LEN && r % ACCESS_SIZE as u64 == 0);
         }
         for c in [Cmd::Peek, Cmd::CheckPattern, Cmd::CheckValue] {

@@ -18,7 +18,9 @@
 //! | 0x024  | STATUS | RO   | [`STATUS_OK`], [`STATUS_MISMATCH`], [`STATUS_OUTSIDE`],         |
 //! |        |      |        | [`STATUS_BAD_REQUEST`], [`STATUS_NONE`] before any command       |
 //! | 0x028  | WHERE_LO / WHERE_HI (0x02C) | RO | offset from ADDR of the first mismatch    |
-//! | 0x030- |      |        | reserved (read as 0, writes ignored).                           |
+//! | 0x030  | POWER | WO    | [`POWER_OFF_MAGIC`](gracevm_contract::testdev::POWER_OFF_MAGIC):    |
+//! |        |      |        | end the run as a power-off (a guest whose kernel cannot)         |
+//! | 0x034- |      |        | reserved (read as 0, writes ignored).                           |
 //!
 //! The probe registers let the in-guest suite ask the VMM what *it* sees in guest memory, so a
 //! test checks both sides: "the guest wrote X at offset O and it landed at carve-out offset O".
@@ -30,6 +32,8 @@
 //! To add a register: a `Reg` variant, its offset in `Reg::decode`, and its behaviour in
 //! `read_reg` / `write_reg`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{le_value, put_le_value, MmioDevice, WarnLimiter};
@@ -43,7 +47,8 @@ pub use gracevm_contract::testdev::{
     STATUS_OK, STATUS_OUTSIDE,
 };
 use gracevm_contract::testdev::{
-    ACCESS_SIZE, ADDR as PROBE_FIRST, BOOT, ID, LAST as PROBE_LAST, WINDOW_LEN,
+    ACCESS_SIZE, ADDR as PROBE_FIRST, BOOT, ID, LAST as PROBE_LAST, POWER, POWER_OFF_MAGIC,
+    WINDOW_LEN,
 };
 
 /// A guest memory range the VMM lets the guest probe.
@@ -65,6 +70,7 @@ pub trait MemoryProbe: Send {
 enum Reg {
     Boot,
     Id,
+    Power,
     /// One of the 32-bit halves at 0x008..=0x02C (index = (offset - 8) / 4).
     Probe(usize),
 }
@@ -74,6 +80,7 @@ impl Reg {
         match offset {
             BOOT => Some(Self::Boot),
             ID => Some(Self::Id),
+            POWER => Some(Self::Power),
             PROBE_FIRST..=PROBE_LAST if offset % 4 == 0 => {
                 Some(Self::Probe(((offset - PROBE_FIRST) / 4) as usize))
             }
@@ -175,6 +182,8 @@ impl Probe {
 pub struct TestDev {
     start: Instant,
     boot_time: Option<Duration>,
+    /// Set when the guest writes POWER_OFF_MAGIC to POWER; the VMM's event loop watches it.
+    power_off: Arc<AtomicBool>,
     probe: Option<Probe>,
     warn: WarnLimiter,
 }
@@ -188,9 +197,15 @@ impl TestDev {
         Self {
             start,
             boot_time: None,
+            power_off: Arc::default(),
             probe: None,
             warn: WarnLimiter::default(),
         }
+    }
+
+    /// Raised when the guest asks for a power-off through POWER.
+    pub fn power_off_flag(&self) -> Arc<AtomicBool> {
+        self.power_off.clone()
     }
 
     /// Enable the probe registers over `regions`, read through `memory`.
@@ -214,6 +229,7 @@ impl TestDev {
         match reg {
             Reg::Boot => u32::from(self.boot_time.is_some()),
             Reg::Id => DEVICE_ID,
+            Reg::Power => 0,
             Reg::Probe(R_CMD) => 0,
             Reg::Probe(i) => self.probe.as_ref().map_or(0, |p| p.regs[i]),
         }
@@ -231,6 +247,14 @@ impl TestDev {
                 Ok(())
             }
             Reg::Id => Err("write to the read-only ID register"),
+            Reg::Power if value != POWER_OFF_MAGIC => {
+                Err("POWER write of a value other than POWER_OFF_MAGIC")
+            }
+            Reg::Power => {
+                log::info!("guest asked the test device to power off (its kernel cannot)");
+                self.power_off.store(true, Ordering::Release);
+                Ok(())
+            }
             Reg::Probe(i) => {
                 let Some(probe) = self.probe.as_mut() else {
                     return Err("probe register written but this VM has no probe regions");
@@ -559,5 +583,16 @@ mod tests {
         let mut dev = started_a_second_ago();
         write32(&mut dev, CMD, Cmd::Peek as u32);
         assert_eq!(read32(&mut dev, STATUS), 0);
+    }
+
+    #[test]
+    fn test_power_register_raises_flag_only_on_magic() {
+        let mut dev = TestDev::new(Instant::now());
+        let flag = dev.power_off_flag();
+        write32(&mut dev, POWER, 0x1234);
+        assert!(!flag.load(Ordering::Acquire));
+        assert_eq!(read32(&mut dev, POWER), 0);
+        write32(&mut dev, POWER, POWER_OFF_MAGIC);
+        assert!(flag.load(Ordering::Acquire));
     }
 }

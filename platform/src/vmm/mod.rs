@@ -251,6 +251,10 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         vmm_ready.as_secs_f64() * 1e3
     );
 
+    let power_off = testdev
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .power_off_flag();
     let end = event_loop(
         &wake,
         &rx,
@@ -258,6 +262,7 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         spec.interactive,
         spec.timeout,
         &spec.watch,
+        &power_off,
     )?;
     stop_vcpus(&stop, threads);
 
@@ -358,6 +363,7 @@ fn event_loop(
     interactive: bool,
     timeout: Option<Duration>,
     watch: &Watch,
+    power_off: &AtomicBool,
 ) -> Result<GuestEnd> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut manager: EventManager<Box<dyn MutEventSubscriber + '_>> =
@@ -386,6 +392,11 @@ fn event_loop(
         }
         if let Some(end) = end.borrow_mut().take() {
             return Ok(end);
+        }
+        // The guest's kernel could not shut down (an oops left a lock held): /init asked the
+        // test device instead.
+        if power_off.load(Ordering::Acquire) {
+            return Ok(GuestEnd::PowerOff);
         }
         if input.as_ref().is_some_and(|q| q.load(Ordering::Acquire)) {
             return Ok(GuestEnd::Interrupted);
