@@ -161,6 +161,30 @@ pub fn strip_prefix(line: &str) -> &str {
     t.trim()
 }
 
+/// Where a printk console timestamp (`[   12.345678]`) starts in `line`, if it has one.
+pub fn printk_stamp_at(line: &str) -> Option<usize> {
+    let bytes = line.as_bytes();
+    let mut from = 0;
+    while let Some(rel) = line[from..].find('[') {
+        let at = from + rel;
+        let rest = &bytes[at + 1..];
+        let inner = rest.iter().position(|&b| b == b']');
+        if let Some(end) = inner {
+            let stamp = &rest[..end];
+            let trimmed: Vec<u8> = stamp.iter().copied().skip_while(|&b| b == b' ').collect();
+            let dot = trimmed.iter().position(|&b| b == b'.');
+            let ok = end >= 3
+                && dot.is_some_and(|d| d > 0 && d + 1 < trimmed.len())
+                && trimmed.iter().all(|&b| b.is_ascii_digit() || b == b'.');
+            if ok {
+                return Some(at);
+            }
+        }
+        from = at + 1;
+    }
+    None
+}
+
 /// The kind of report `line` starts, if it is a report header.
 pub fn classify(line: &str) -> Option<Kind> {
     // Judged on what a report keeps of its header (the first LINE_MAX bytes).
@@ -552,6 +576,15 @@ mod tests {
         // Truncated escapes and odd bytes are kept as they are.
         assert_eq!(kmsg_record_lines("1,2,3,-;a\\x").unwrap(), ["a\\x"]);
         assert_eq!(kmsg_record_lines("1,2,3,-;a\\xZZ€").unwrap(), ["a\\xZZ€"]);
+    }
+
+    #[test]
+    fn test_printk_stamp_found_only_for_timestamps() {
+        assert_eq!(printk_stamp_at("[   29.215148]  ret"), Some(0));
+        assert_eq!(printk_stamp_at("ok 6 x[ 1.5] y"), Some(6));
+        assert_eq!(printk_stamp_at("ok 6 a[0] b[x.1] c[1.] d[.1]"), None);
+        assert_eq!(printk_stamp_at("€[ 1.2]"), Some(3));
+        assert_eq!(printk_stamp_at("[[[ 1.2]"), Some(2));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct ConsoleSink {
     /// Print KTAP result lines to stderr as they arrive (progress in test runs).
     progress: Option<String>,
     line: Vec<u8>,
+    /// The start of a suite line a kernel message broke into, waiting for its rest.
+    broken: Option<String>,
     captured: Arc<Mutex<Captured>>,
     watch: Arc<Watch>,
 }
@@ -40,6 +42,7 @@ impl ConsoleSink {
             echo,
             progress,
             line: Vec::new(),
+            broken: None,
             captured: Arc::default(),
             watch,
         }
@@ -50,10 +53,30 @@ impl ConsoleSink {
     }
 
     fn end_line(&mut self) {
-        let text = String::from_utf8_lossy(&self.line)
+        let raw = String::from_utf8_lossy(&self.line)
             .trim_end_matches('\r')
             .to_string();
         self.line.clear();
+        // The kernel prints to the same UART the suite writes to, and a message can land in
+        // the middle of a suite line: "not ok 6 x[  29.2] ret_from_fork+0x10\n # TODO ...\n".
+        // The suite's part waits for its rest, which follows the kernel's lines.
+        let text = match (self.broken.take(), kernel_log::printk_stamp_at(&raw)) {
+            (None, Some(at)) if at > 0 && suite_line(&raw[..at]) => {
+                self.broken = Some(raw[..at].to_string());
+                self.take_line(raw[at..].to_string());
+                return;
+            }
+            (Some(head), Some(0)) => {
+                self.broken = Some(head);
+                raw
+            }
+            (Some(head), _) => format!("{head}{raw}"),
+            (None, _) => raw,
+        };
+        self.take_line(text);
+    }
+
+    fn take_line(&mut self, text: String) {
         let mut cap = self.captured.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(name) = protocol::running_test(&text) {
             cap.running = Some(name.to_string());
@@ -74,6 +97,13 @@ impl ConsoleSink {
             cap.ktap.push(text);
         }
     }
+}
+
+/// Whether `text` begins a suite line worth rejoining: a KTAP result or a marker. (A broken
+/// diagnostic just loses its tail; rejoining one that quotes a kernel timestamp itself could
+/// swallow the next result.)
+fn suite_line(text: &str) -> bool {
+    text.starts_with("ok ") || text.starts_with("not ok ") || text.starts_with("gracevm-suite: ")
 }
 
 impl Write for ConsoleSink {
@@ -143,6 +173,27 @@ gracevm-suite: running egm_b
         let cap = cap.lock().unwrap();
         assert_eq!(cap.running.as_deref(), Some("egm_b"));
         assert_eq!(cap.ktap, ["ok 1 egm_a"]);
+    }
+
+    #[test]
+    fn test_console_sink_rejoins_a_line_a_kernel_message_broke() {
+        let mut sink = ConsoleSink::new(None, false, None, Arc::default());
+        let cap = sink.captured();
+        sink.write_all(
+            b"not ok 6 egm_x[   29.215148]  ret_from_fork+0x10/0x20\n\
+              [   29.3] more kernel\n # TODO known review point\n\
+              ok 7 y[ 30.1] flags: 0x240\n\nok 8 z\n",
+        )
+        .unwrap();
+        let cap = cap.lock().unwrap();
+        assert_eq!(
+            cap.ktap,
+            [
+                "not ok 6 egm_x # TODO known review point",
+                "ok 7 y",
+                "ok 8 z"
+            ]
+        );
     }
 
     #[test]
