@@ -1160,6 +1160,19 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 /// Installs a SIGBUS handler that ends the process with [`sigbus_exit_code`] (expecting
 /// `si_addr == expected`). Rust's own SIGBUS handler (stack-overflow detection) would return
 /// from an asynchronous SIGBUS and let the process run on.
+/// Ignores SIGBUS: a process that keeps a mapping only so memory-failure handling finds it
+/// survives the "action optional" SIGBUS each poisoned page sends it.
+pub fn ignore_sigbus() -> std::io::Result<()> {
+    // SAFETY: installing SIG_IGN for SIGBUS touches no memory of ours; a SIGBUS a fault raises
+    // (action required) is forced by the kernel regardless, so no access is silently lost.
+    let previous = unsafe { libc::signal(libc::SIGBUS, libc::SIG_IGN) };
+    if previous == libc::SIG_ERR {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 pub fn catch_sigbus(expected: usize) -> std::io::Result<()> {
     SIGBUS_EXPECTED.store(expected, std::sync::atomic::Ordering::Relaxed);
     // SAFETY: a zeroed sigaction is a valid starting point; we set the handler, SA_SIGINFO

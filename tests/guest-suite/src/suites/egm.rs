@@ -2306,6 +2306,34 @@ fn poison_race(ctx: &Context) -> Outcome {
         }
         offset += 7 * page;
     }
+    // v2 records a poisoned page when memory-failure handling finds a mapping of it: a holder
+    // maps the whole region (asking for early kill, and ignoring the SIGBUS that follows),
+    // forked before any thread starts here.
+    let Ok(region_len) = usize::try_from(region.size) else {
+        return Outcome::fail("region size beyond usize");
+    };
+    let holder_ready = check!(Pipe::new().map_err(io_fail("pipe")));
+    let holder_stop = check!(Pipe::new().map_err(io_fail("pipe")));
+    let fd = file.as_fd();
+    let mut holder = check!(egm::fork_child(|| {
+        if egm::set_mce_kill_early().is_err() || egm::ignore_sigbus().is_err() {
+            return 9;
+        }
+        let Ok(_map) = RawMap::new(fd, 0, region_len, Sharing::Shared) else {
+            return 10;
+        };
+        holder_ready.send(b'R');
+        let _ = holder_stop.recv(Duration::from_secs(200));
+        0
+    })
+    .map_err(io_fail("fork")));
+    if holder_ready.recv(Duration::from_secs(60)) != Some(b'R') {
+        let end = holder.kill();
+        return Outcome::fail(format!(
+            "the holder could not map the region: it {}",
+            end.map_or("did not end".to_string(), |e| e.to_string())
+        ));
+    }
     let stop = std::sync::atomic::AtomicBool::new(false);
     // Poisoning starts once the lister has listed once, so the two overlap.
     let started = std::sync::Barrier::new(2);
@@ -2352,6 +2380,10 @@ fn poison_race(ctx: &Context) -> Outcome {
             .join()
             .unwrap_or((0, vec!["the lister panicked".into()], 0))
     });
+    holder_stop.send(b'E');
+    if holder.wait_timeout(Duration::from_secs(20)).is_none() {
+        holder.kill();
+    }
     for why in torn {
         checks.fail(format!(
             "[{}]: while pages were poisoned, {why} was torn (duplicate or out-of-region entry)",
