@@ -116,11 +116,28 @@ fn telling_lines(report: &Report, n: usize) -> Vec<&str> {
     };
     let mut out = vec![header];
     if let Some(at) = rest.iter().position(|l| l.starts_with("Call trace:")) {
+        // The reporting machinery's own frames say nothing about the bug.
+        let reporting = [
+            "show_stack",
+            "dump_stack",
+            "print_",
+            "check_",
+            "__might_",
+            "__warn",
+            "report_bug",
+            "kasan_report",
+            "print_report",
+            "__kasan",
+            "validate_chain",
+            "__lock_acquire",
+        ];
+        out.push(rest[at]);
         out.extend(
-            rest[at..]
+            rest[at + 1..]
                 .iter()
-                .take((n / 2).max(2))
-                .filter(|l| !l.is_empty()),
+                .filter(|l| !l.is_empty())
+                .filter(|l| !reporting.iter().any(|r| l.trim_start().starts_with(r)))
+                .take((n / 2).max(2)),
         );
     }
     for line in rest {
