@@ -49,7 +49,6 @@ pub const TESTS: &[Test] = &[
     Test::new("egm_minor_reserved", minor_reserved).with_timeout(Duration::from_secs(120)),
     Test::new("egm_size_sysfs", size_sysfs).with_timeout(Duration::from_secs(120)),
     Test::new("egm_open_zeroes", open_zeroes).with_timeout(Duration::from_secs(300)),
-    Test::new("egm_open_exclusive", open_exclusive).with_timeout(Duration::from_secs(300)),
     Test::new("egm_mmap_whole", mmap_whole).with_timeout(Duration::from_secs(180)),
     Test::new("egm_mmap_bounds", mmap_bounds).with_timeout(Duration::from_secs(180)),
     Test::new("egm_mmap_offset_alias", mmap_offset_alias).with_timeout(Duration::from_secs(180)),
@@ -62,6 +61,11 @@ pub const TESTS: &[Test] = &[
     Test::new("egm_retired_table_limits", retired_table_limits)
         .with_timeout(Duration::from_secs(180))
         .with_known(known_retired),
+    // After the mmap and ioctl tests: on a driver that lets a second open through (v1), using
+    // that descriptor oopses, and what the dead task holds stalls the tests after it.
+    Test::new("egm_open_exclusive", open_exclusive)
+        .with_timeout(Duration::from_secs(300))
+        .with_known(known_multi_open),
     Test::new("egm_missing_properties", missing_properties).with_timeout(Duration::from_secs(300)),
     Test::new("egm_poison", poison).with_timeout(Duration::from_secs(240)),
     Test::new("egm_poison_race", poison_race)
@@ -2499,6 +2503,12 @@ fn rmmod_orders(ctx: &Context) -> Outcome {
         expect_bound_region(&mut checks, region, "after reloading both modules");
     }
     checks.outcome()
+}
+
+/// An oops in the driver while a second descriptor is used: v1's multi-open, whose second
+/// open has no private data (fixed in v2: a regression fails by name).
+fn known_multi_open(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
+    (report.in_code("egm") || report.in_code("nvgrace")).then_some(findings::V1_MULTI_OPEN)
 }
 
 /// A report while nvgrace-egm is unloaded with its devices bound: v1's module exit, which
