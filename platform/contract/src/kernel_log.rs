@@ -86,6 +86,14 @@ impl Report {
         self.lines.iter().any(|l| l.contains(needle))
     }
 
+    /// Whether the report has a call trace (a fragment of an oops interleaved with another
+    /// CPU's has none: it cannot be attributed by itself).
+    pub fn has_trace(&self) -> bool {
+        self.lines
+            .iter()
+            .any(|l| l.starts_with("Call trace:") || l.starts_with("Call Trace:"))
+    }
+
     /// Whether the report's header or its call trace names `needle`: the code that went wrong
     /// (not merely "Modules linked in", which lists every loaded module).
     pub fn in_code(&self, needle: &str) -> bool {

@@ -2132,15 +2132,40 @@ fn parallel_probe(ctx: &Context) -> Outcome {
                 })
             })
             .collect();
+        let mut failed = Vec::new();
         for worker in workers {
             match worker.join() {
                 Ok(Ok(())) => {}
-                Ok(Err(why)) => checks.fail(format!("round {round}: {why}")),
+                Ok(Err(why)) => failed.push(why),
                 Err(_) => checks.fail(format!("round {round}: a probe thread panicked")),
             }
         }
         if checks.failed() {
             return checks.outcome();
+        }
+        if !failed.is_empty() {
+            // The same GPUs probed one at a time: if that works, the failure belonged to the
+            // probes running together.
+            let mut alone = Vec::new();
+            for bdf in &gpus {
+                if let Err(why) = egm::unbind_gpu(bdf).and_then(|_| egm::bind_gpu(bdf).map(|_| ()))
+                {
+                    alone.push(why);
+                }
+            }
+            if alone.is_empty() {
+                return Outcome::xfail(format!(
+                    "{}: in round {round} of parallel unbind+bind a probe failed, and the same \
+                     GPUs probe fine one at a time: {}",
+                    findings::NO_LOCKING,
+                    failed.join("; ")
+                ));
+            }
+            return Outcome::fail(format!(
+                "round {round}: {}; probed one at a time afterwards: {}",
+                failed.join("; "),
+                alone.join("; ")
+            ));
         }
     }
     for region in &m.regions {
