@@ -243,6 +243,13 @@ pub fn classify(line: &str) -> Option<Kind> {
             Kind::Lockdep
         });
     }
+    // A driver registering a device name twice: the kernel refuses it with a stack dump but
+    // no WARNING header.
+    if s.starts_with("sysfs: cannot create duplicate filename")
+        || s.starts_with("kobject_add_internal failed")
+    {
+        return Some(Kind::Warning);
+    }
     if s.starts_with("INFO: task ") && s.contains("blocked for more than") {
         return Some(Kind::HungTask);
     }
@@ -456,6 +463,10 @@ mod tests {
                 Kind::SoftLockup,
             ),
             ("Kernel panic - not syncing: Fatal exception", Kind::Panic),
+            (
+                "sysfs: cannot create duplicate filename '/devices/x/nvgrace_gpu_vfio_pci.egm.4'",
+                Kind::Warning,
+            ),
             (
                 "<4>[    3.5][    T1] WARNING: CPU: 0 PID: 1 at x",
                 Kind::Warning,

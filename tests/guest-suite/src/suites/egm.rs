@@ -2107,6 +2107,8 @@ fn reload(checks: &mut Checks, m: &Machine) {
 /// every region must be whole (node, one link per GPU). With DEBUG=1 list corruption, KASAN
 /// and lockdep watch the lists while it runs.
 fn parallel_probe(ctx: &Context) -> Outcome {
+    // A race that hits corrupts the driver's lists for every test after it.
+    check!(exclusive(ctx, "egm_parallel_probe"));
     let m = check!(machine(ctx, false, false));
     let gpus: Vec<String> = m.regions.iter().flat_map(|r| r.gpus.clone()).collect();
     if gpus.len() < 2 {
