@@ -48,15 +48,28 @@ fn write(path: &str, value: &str) -> std::io::Result<()> {
 }
 
 /// Runs `act` with this thread's `n`-th injectable allocation failing; whether the fault was
-/// reached (false: `act` made fewer than `n` injectable calls).
+/// reached (false: `act` made fewer than `n` injectable calls). The file is opened before the
+/// count is armed and read through the same descriptor: opening it again would itself
+/// allocate, and use up the count.
 pub fn with_nth_failure<T>(n: u32, act: impl FnOnce() -> T) -> Result<(T, bool), String> {
-    write(FAIL_NTH, &n.to_string()).map_err(|e| format!("{FAIL_NTH}: {e}"))?;
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(FAIL_NTH)
+        .map_err(|e| format!("{FAIL_NTH}: {e}"))?;
+    file.write_all_at(n.to_string().as_bytes(), 0)
+        .map_err(|e| format!("{FAIL_NTH}: {e}"))?;
     let result = act();
-    let left = std::fs::read_to_string(FAIL_NTH)
-        .map_err(|e| format!("{FAIL_NTH}: {e}"))?
+    let mut buf = [0u8; 16];
+    let read = file.read_at(&mut buf, 0);
+    // Disarm before anything else can fail.
+    let disarm = file.write_all_at(b"0", 0);
+    let len = read.map_err(|e| format!("{FAIL_NTH}: {e}"))?;
+    disarm.map_err(|e| format!("{FAIL_NTH}: {e}"))?;
+    let left = String::from_utf8_lossy(&buf[..len])
         .trim()
         .parse::<u32>()
         .unwrap_or(0);
-    write(FAIL_NTH, "0").map_err(|e| format!("{FAIL_NTH}: {e}"))?;
     Ok((result, left == 0))
 }

@@ -2187,10 +2187,9 @@ fn parallel_probe(ctx: &Context) -> Outcome {
 
 /// Review findings [aux-add-double-free] (v2 02/15) and [shared-region-uaf] (v2 03/15): error
 /// paths of the GPU probe that only a failed allocation reaches. With fault injection (DEBUG=1
-/// kernels), each GPU of a shared region is probed again and again with its n-th allocation
-/// failing, n = 1, 2, ... until a probe makes no n-th allocation: the first GPU walks the
-/// creation of the region's auxiliary device, the second (the first one bound) its joining the
-/// region. Every failed probe must leave nothing behind and every region must come back whole;
+/// kernels), the region's last GPU is probed again and again with its n-th allocation failing,
+/// n = 1, 2, ... until a probe makes no n-th allocation, the other GPUs bound: with one GPU
+/// that walks the creation of the region's auxiliary device, with two its joining the region. Every failed probe must leave nothing behind and every region must come back whole;
 /// KASAN reports the double free and the use-after-free of the error paths as they happen.
 fn probe_fault_sweep(ctx: &Context) -> Outcome {
     check!(exclusive(ctx, "egm_probe_fault_sweep"));
@@ -2213,7 +2212,17 @@ fn probe_fault_sweep(ctx: &Context) -> Outcome {
     }
     let node = egm::node_path(region.pxm);
     let aux = egm::aux_device_dir(region.pxm);
-    for (index, bdf) in region.gpus.iter().enumerate() {
+    // The region's other GPUs bound first: the sweep then walks the last one's probe, which
+    // creates the region (one GPU) or joins it (a shared region).
+    let (last, others) = region.gpus.split_last().expect("a region has a GPU");
+    for bdf in others {
+        if let Err(why) = egm::bind_gpu(bdf) {
+            return Outcome::fail(format!("{bdf} does not bind before the sweep: {why}"));
+        }
+    }
+    let index = others.len();
+    {
+        let bdf = last;
         let mut failed_probes = 0;
         let mut leftovers = Vec::new();
         let mut n = 1;
@@ -2298,7 +2307,10 @@ fn known_probe_fault(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
     if !report.in_code("nvgrace") {
         return None;
     }
-    if header.contains("double-free") || header.contains("invalid-free") {
+    if header.contains("double-free")
+        || header.contains("invalid-free")
+        || header.contains("invalid free")
+    {
         Some(findings::AUX_ADD_DOUBLE_FREE)
     } else if header.contains("use-after-free") || report.kind == kernel_log::Kind::ListCorruption {
         Some(findings::SHARED_REGION_UAF)
