@@ -2479,9 +2479,17 @@ const RACE_ROUNDS: usize = 10;
 fn known_no_locking(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
     use kernel_log::Kind;
     let in_driver = report.in_code("nvgrace") || report.in_code("egm");
+    // A WARNING counts too: two racing probes registering the same auxiliary device is the
+    // kernel's "sysfs: cannot create duplicate filename" (its header names the device).
     let racy = matches!(
         report.kind,
-        Kind::ListCorruption | Kind::Kasan | Kind::Kfence | Kind::Lockdep | Kind::Oops | Kind::Bug
+        Kind::ListCorruption
+            | Kind::Kasan
+            | Kind::Kfence
+            | Kind::Lockdep
+            | Kind::Oops
+            | Kind::Bug
+            | Kind::Warning
     );
     (in_driver && racy).then_some(findings::NO_LOCKING)
 }
