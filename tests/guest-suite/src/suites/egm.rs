@@ -2491,7 +2491,12 @@ fn known_no_locking(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
             | Kind::Bug
             | Kind::Warning
     );
-    (in_driver && racy).then_some(findings::NO_LOCKING)
+    // Sleeping in atomic context (the memory-failure hook allocates with GFP_NOFS) is a bug of
+    // its own, not the missing locking: it fails by itself.
+    let atomic_sleep = report
+        .header()
+        .contains("sleeping function called from invalid context");
+    (in_driver && racy && !atomic_sleep).then_some(findings::NO_LOCKING)
 }
 
 /// 5.11: unload the modules in the other order with devices bound: nvgrace-gpu first (its
