@@ -33,6 +33,9 @@ pub const MARK: char = '\u{1e}';
 /// Argument that makes the binary run one test as a child.
 pub const RUN_ONE: &str = "--run-one";
 
+/// Left behind when any test's window had a kernel report (read by /init).
+pub const REPORTS_SEEN: &str = "/tmp/gracevm-kernel-reports";
+
 /// How often a waiting runner looks at the kernel's taint.
 const WAIT_SLICE: Duration = Duration::from_secs(1);
 /// How long a test may go on after the kernel oopsed in another task.
@@ -148,6 +151,11 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
                     notes.push("kernel log: records were lost before they were read".into());
                 }
                 notes.extend(kmsg::diagnostics(&window.reports, 3, 12));
+                if !window.reports.is_empty() {
+                    // /init then ends the run through the test device: a kernel that
+                    // reported trouble may not get through its own device shutdown.
+                    let _ = std::fs::write(REPORTS_SEEN, b"1\n");
+                }
                 judge(report, &window.reports, |r| {
                     test.known.and_then(|known| known(&ctx, r))
                 })
