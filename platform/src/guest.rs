@@ -94,11 +94,11 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
     // Where and what /init writes to end the run when its kernel cannot power off.
     put(
         "POWER_OFF",
-        format!(
-            "'{:#x} {:#x}'",
+        shell_quote(&format!(
+            "{:#x} {:#x}",
             layout::TESTDEV_BASE + gracevm_contract::testdev::POWER,
             gracevm_contract::testdev::POWER_OFF_MAGIC
-        ),
+        )),
     );
     put("CPUS", platform.vcpus.to_string());
     put("SYSTEM_RAM", platform.system_ram().to_string());

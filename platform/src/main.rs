@@ -84,6 +84,10 @@ enum Command {
         /// so N jobs together run each scenario once; `gracevm merge` joins their results.
         #[arg(long, env = "GRACEVM_SHARD", value_name = "K/N")]
         shard: Option<String>,
+        /// Set by the nested route for the gracevm it runs inside level 1: each scenario's
+        /// results go to out/<name>, and the outer gracevm writes the run's report.
+        #[arg(long, hide = true)]
+        nested_job: bool,
     },
     /// Write the guest's base initramfs (gracevm's /init, busybox, the in-guest suite).
     Initramfs {
@@ -286,6 +290,7 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
             name,
             parallel,
             shard,
+            nested_job,
         } => {
             let shard = match shard {
                 Some(text) => Some((parse_shard(&text).map_err(Usage)?, text)),
@@ -312,7 +317,7 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
                 Some(n) => n,
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             };
-            test(&runs, &out, parallel, watch)
+            test(&runs, &out, parallel, !nested_job, watch)
         }
         Command::Merge { runs, out } => merge(&runs, &out),
         Command::Initramfs {
@@ -804,7 +809,13 @@ pub fn max_rss_kib() -> u64 {
     u64::try_from(ru.ru_maxrss).unwrap_or(0)
 }
 
-fn test(runs: &[ScenarioRun], out: &Path, parallel: usize, watch: Arc<Watch>) -> Result<i32> {
+fn test(
+    runs: &[ScenarioRun],
+    out: &Path,
+    parallel: usize,
+    run_report: bool,
+    watch: Arc<Watch>,
+) -> Result<i32> {
     let started = std::time::SystemTime::now();
     let scenarios = if runs.iter().any(|r| r.guest.nested) {
         test_nested(runs, out, parallel, watch)?
@@ -818,8 +829,12 @@ fn test(runs: &[ScenarioRun], out: &Path, parallel: usize, watch: Arc<Watch>) ->
         v
     };
     let summary = Summary::new(scenarios);
-    summary.write(out)?;
-    write_kcidb(&runs[0].guest, &summary, out, started)?;
+    // The run's report (and the kernel checksum KCIDB names it by) once, by the outermost
+    // gracevm: a nested job's would only be overwritten.
+    if run_report {
+        summary.write(out)?;
+        write_kcidb(&runs[0].guest, &summary, out, started)?;
+    }
     print!("{}", summary.ktap());
     let _ = std::io::stdout().flush();
     let c = &summary.counts;
@@ -932,6 +947,7 @@ fn test_nested(
             "/out".into(),
             "--name".into(),
             r.name.clone(),
+            "--nested-job".into(),
         ]);
         jobs.push(job);
     }

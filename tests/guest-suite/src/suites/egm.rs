@@ -2471,6 +2471,11 @@ fn poison_race(ctx: &Context) -> Outcome {
 /// Pages [`poison_race`] poisons.
 const POISON_RACE_PAGES: usize = 24;
 
+/// Whether a kernel report's header or call trace is in the drivers under test.
+fn in_driver(report: &KernelReport) -> bool {
+    report.in_code("nvgrace") || report.in_code("egm")
+}
+
 /// Rounds of parallel unbind+bind in [`parallel_probe`].
 const RACE_ROUNDS: usize = 10;
 
@@ -2478,7 +2483,7 @@ const RACE_ROUNDS: usize = 10;
 /// region entry, lockdep).
 fn known_no_locking(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
     use kernel_log::Kind;
-    let in_driver = report.in_code("nvgrace") || report.in_code("egm");
+    let in_driver = in_driver(report);
     // A WARNING counts too: two racing probes registering the same auxiliary device is the
     // kernel's "sysfs: cannot create duplicate filename" (its header names the device).
     let racy = matches!(
@@ -2560,21 +2565,20 @@ fn rmmod_orders(ctx: &Context) -> Outcome {
 /// An oops in the driver while a second descriptor is used: v1's multi-open, whose second
 /// open has no private data (fixed in v2: a regression fails by name).
 fn known_multi_open(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
-    (report.in_code("egm") || report.in_code("nvgrace")).then_some(findings::V1_MULTI_OPEN)
+    in_driver(report).then_some(findings::V1_MULTI_OPEN)
 }
 
 /// A report while nvgrace-egm is unloaded with its devices bound: v1's module exit, which
 /// destroyed the class first (fixed in v2: a regression fails by name).
 fn known_module_exit(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
-    (report.in_code("nvgrace") || report.in_code("egm") || report.in_code("class"))
-        .then_some(findings::V1_MODULE_EXIT)
+    (in_driver(report) || report.in_code("class")).then_some(findings::V1_MODULE_EXIT)
 }
 
 /// A kernel report while binding a GPU whose retired-pages table is longer than its page: the
 /// driver read past the table's mapping (the v2 off-by-one at exactly one page's worth of
 /// entries, v1's unchecked count beyond).
 fn known_retired(ctx: &Context, report: &KernelReport) -> Option<Finding> {
-    if !(report.in_code("nvgrace") || report.in_code("egm")) {
+    if !in_driver(report) {
         return None;
     }
     let tables = egm::retired_tables(&ctx.env).ok()??;
@@ -2642,7 +2646,7 @@ impl std::fmt::Display for Hold {
 /// The kernel reports a detach-while-held test provokes on purpose: the release path touching
 /// the freed EGM device (or anything else the driver does once its device is gone).
 fn known_detach(_ctx: &Context, report: &KernelReport) -> Option<Finding> {
-    (report.in_code("nvgrace") || report.in_code("egm")).then_some(findings::UNBIND_WHILE_OPEN)
+    in_driver(report).then_some(findings::UNBIND_WHILE_OPEN)
 }
 
 /// Tests that take the GPUs away for good run only in a scenario that names them (its
