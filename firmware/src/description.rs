@@ -237,40 +237,33 @@ impl GpuModel {
     }
 }
 
-/// When the GPU's BAR0 readiness registers (C2C link, HBM training) read 0xFF.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Readiness {
-    #[default]
-    Ready,
-    /// Ready this many milliseconds after the VM starts.
-    DelayMs(u64),
-    Never,
-}
+/// When the GPU's BAR0 readiness registers (C2C link, HBM training) read 0xFF: the model
+/// the VMM's GPU device and the suite share.
+pub use gracevm_contract::gpu::Readiness;
 
-impl<'de> Deserialize<'de> for Readiness {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Delay {
-            delay_ms: u64,
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Word(String),
-            Delay(Delay),
-        }
-        let bad = || {
-            serde::de::Error::custom(
-                "readiness must be \"ready\", \"never\" or { delay_ms = <milliseconds> }",
-            )
-        };
-        match Raw::deserialize(d).map_err(|_: D::Error| bad())? {
-            Raw::Word(w) if w == "ready" => Ok(Readiness::Ready),
-            Raw::Word(w) if w == "never" => Ok(Readiness::Never),
-            Raw::Word(_) => Err(bad()),
-            Raw::Delay(Delay { delay_ms }) => Ok(Readiness::DelayMs(delay_ms)),
-        }
+/// `readiness = "ready" | "never" | { delay_ms = N }`.
+fn de_readiness<'de, D: Deserializer<'de>>(d: D) -> Result<Readiness, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Delay {
+        delay_ms: u64,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Word(String),
+        Delay(Delay),
+    }
+    let bad = || {
+        serde::de::Error::custom(
+            "readiness must be \"ready\", \"never\" or { delay_ms = <milliseconds> }",
+        )
+    };
+    match Raw::deserialize(d).map_err(|_: D::Error| bad())? {
+        Raw::Word(w) if w == "ready" => Ok(Readiness::Ready),
+        Raw::Word(w) if w == "never" => Ok(Readiness::Never),
+        Raw::Word(_) => Err(bad()),
+        Raw::Delay(Delay { delay_ms }) => Ok(Readiness::DelayMs(delay_ms)),
     }
 }
 
@@ -303,7 +296,7 @@ pub struct Gpu {
     #[serde(default)]
     pub pxm: Option<u32>,
     /// Consumed by the VMM's GPU model.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_readiness")]
     pub readiness: Readiness,
     /// Fault knob: properties left out of the GPU's firmware node.
     #[serde(default)]

@@ -6,25 +6,23 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use firmware::layout;
-use firmware::{MemoryMap, Readiness as FwReadiness};
+use firmware::MemoryMap;
+use gracevm_contract::gpu::Style;
 
-use crate::devices::pci::{
-    GpuConfig, GpuFunction, PciHost, PciRoot, PciWindows, Readiness, SystemClock,
-};
+use crate::devices::pci::{GpuConfig, GpuFunction, PciHost, PciRoot, PciWindows, SystemClock};
 
-/// PCI device ids of Blackwell parts, which carry the NVIDIA DVSEC with the "no MIG bug" bit.
-const BLACKWELL_DEVICE_IDS: [u16; 2] = [0x2941, 0x31C2];
+/// How `g` tells the driver about the MIG bug: Blackwell parts carry the NVIDIA DVSEC with the
+/// "no MIG bug" bit, Hopper ones none.
+pub fn gpu_style(g: &firmware::GpuFunction) -> Style {
+    Style::of_device(g.device_id)
+}
 
 /// How the GPU function of `g` behaves.
 pub fn gpu_config(g: &firmware::GpuFunction) -> GpuConfig {
     GpuConfig {
         device_id: g.device_id,
-        blackwell_dvsec: BLACKWELL_DEVICE_IDS.contains(&g.device_id),
-        readiness: match g.readiness {
-            FwReadiness::Ready => Readiness::Ready,
-            FwReadiness::DelayMs(ms) => Readiness::AfterMs(ms),
-            FwReadiness::Never => Readiness::Never,
-        },
+        blackwell_dvsec: gpu_style(g) == Style::Blackwell,
+        readiness: g.readiness,
     }
 }
 
@@ -91,9 +89,9 @@ mod tests {
         let g = &mut map.gpus[0];
         assert!(gpu_config(g).blackwell_dvsec);
         g.device_id = 0x2342;
-        g.readiness = FwReadiness::DelayMs(5);
+        g.readiness = firmware::Readiness::DelayMs(5);
         let c = gpu_config(g);
         assert!(!c.blackwell_dvsec);
-        assert_eq!(c.readiness, Readiness::AfterMs(5));
+        assert_eq!(c.readiness, firmware::Readiness::DelayMs(5));
     }
 }

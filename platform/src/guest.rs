@@ -8,36 +8,14 @@ use anyhow::{Context, Result};
 use firmware::layout;
 use firmware::Platform;
 
-use crate::initramfs::{shell_quote, Archive};
+use gracevm_contract::env::{BootMode, Carveout, Env, Gpu, ModuleLoad, RetiredTable, TableRoom};
+use gracevm_contract::properties;
+
+use crate::initramfs::Archive;
 use crate::modules::Modules;
 
-/// What the guest's /init does once userspace is up.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// An interactive shell on the console.
-    Shell,
-    /// Run a command, then power off.
-    Run(String),
-    /// Run the in-guest KTAP suite, then power off.
-    Test(TestRequest),
-}
-
-/// What a test run asks of the suite beyond the platform.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TestRequest {
-    /// Features the kernel under test must have: the suite fails, rather than skips, the tests
-    /// of a feature listed here when the kernel lacks it.
-    pub expect: Vec<String>,
-    /// Why (shown in the failures): "--expect egm", or what the build saw in the tree.
-    pub why: String,
-    /// Only the tests matching these globs (`--tests`; empty: all).
-    pub tests: Vec<String>,
-}
-
-impl TestRequest {
-    /// Features `--expect` knows.
-    pub const KNOWN: &'static [&'static str] = &["egm"];
-}
+// The modes and the test request are part of the env file's contract.
+pub use gracevm_contract::env::{Mode, TestRequest};
 
 /// Kernel command line: a quiet console (every console byte is a trapped MMIO write, slow when
 /// nested), reboot at once on panic so a panic ends the run, vfio without an IOMMU (the GPU
@@ -58,122 +36,73 @@ pub fn cmdline(extra: &str) -> String {
 
 /// The `/gracevm/env` file.
 pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> String {
-    let mut env = String::new();
-    let mut put = |k: &str, v: String| env.push_str(&format!("GRACEVM_{k}={v}\n"));
-    put(
-        "MODE",
-        match mode {
-            Mode::Shell => "shell",
-            Mode::Run(_) => "run",
-            Mode::Test(_) => "test",
-        }
-        .into(),
-    );
-    if !platform.tests.is_empty() {
-        put("TESTS", shell_quote(&platform.tests.join(" ")));
-    }
-    if let Mode::Test(request) = mode {
-        if !request.expect.is_empty() {
-            put("EXPECT", shell_quote(&request.expect.join(" ")));
-            put("EXPECT_WHY", shell_quote(&request.why));
-        }
-        if !request.tests.is_empty() {
-            put("TESTS_SELECTED", shell_quote(&request.tests.join(" ")));
-        }
-    }
-    if let Mode::Run(cmd) = mode {
-        put("CMD", shell_quote(cmd));
-    }
-    // With a module tree: its release and the modules /init loads from it, in order.
-    if let Some(m) = modules {
-        put("MODULES_RELEASE", shell_quote(&m.tree.release));
-        put("MODPROBE", shell_quote(&m.load.join(" ")));
-    }
-    put("BOOT_TIMER", format!("{:#x}", layout::TESTDEV_BASE));
-    put("TESTDEV", format!("{:#x}", layout::TESTDEV_BASE));
-    // Where and what /init writes to end the run when its kernel cannot power off.
-    put(
-        "POWER_OFF",
-        shell_quote(&format!(
-            "{:#x} {:#x}",
-            layout::TESTDEV_BASE + gracevm_contract::testdev::POWER,
-            gracevm_contract::testdev::POWER_OFF_MAGIC
-        )),
-    );
-    put("CPUS", platform.vcpus.to_string());
-    put("SYSTEM_RAM", platform.system_ram().to_string());
-    put("BOOT_MODE", platform.boot.to_string());
     let map = platform.memory_map();
-    put("NUMA_NODES", memory_nodes(platform, &map));
-    let carve_outs: Vec<String> = map
-        .carve_outs
-        .iter()
-        .map(|c| {
-            let seed = carveout_seed(c.pxm);
-            format!(
-                "{}:{:#x}:{:#x}:{seed:#x}",
-                c.pxm, c.range.base, c.range.size
-            )
-        })
-        .collect();
-    put("CARVEOUTS", shell_quote(&carve_outs.join(" ")));
-    // Per carve-out: `pxm:table:addr,addr,...`, the retired-pages table and its entries in
-    // table order (what the EGM ioctl should report).
-    let retired: Vec<String> = map
-        .carve_outs
-        .iter()
-        .map(|c| {
-            let pages: Vec<String> = c.retired_pages.iter().map(|a| format!("{a:#x}")).collect();
-            format!("{}:{:#x}:{}", c.pxm, c.retired_pages_table, pages.join(","))
-        })
-        .collect();
-    put("EGM_RETIRED_PAGES", shell_quote(&retired.join(" ")));
-    // Per carve-out: `pxm:bytes`, the room the firmware gave its table (a table longer than
-    // its room is cut short: the driver must refuse it rather than read past the room).
-    let room: Vec<String> = map
-        .carve_outs
-        .iter()
-        .map(|c| format!("{}:{}", c.pxm, c.table_room()))
-        .collect();
-    put("EGM_TABLE_ROOM", shell_quote(&room.join(" ")));
-    let gpus: Vec<String> = map
-        .gpus
-        .iter()
-        .map(|g| gpu_entry(platform, &map, g))
-        .collect();
-    put("GPUS", shell_quote(&gpus.join(" ")));
-    env
+    Env {
+        mode: mode.clone(),
+        tests: platform.tests.clone(),
+        modules: modules.map(|m| ModuleLoad {
+            release: m.tree.release.clone(),
+            modprobe: m.load.clone(),
+        }),
+        testdev: layout::TESTDEV_BASE,
+        cpus: platform.vcpus,
+        system_ram: platform.system_ram(),
+        boot_mode: match platform.boot {
+            firmware::BootMode::Acpi => BootMode::Acpi,
+            firmware::BootMode::Dt => BootMode::Dt,
+        },
+        numa_nodes: memory_nodes(platform, &map),
+        carveouts: map.carve_outs.iter().map(carveout).collect(),
+        retired_pages: map.carve_outs.iter().map(retired_table).collect(),
+        table_room: map
+            .carve_outs
+            .iter()
+            .map(|c| TableRoom {
+                pxm: c.pxm,
+                bytes: c.table_room(),
+            })
+            .collect(),
+        gpus: map.gpus.iter().map(|g| gpu(platform, &map, g)).collect(),
+    }
+    .write()
 }
 
-/// One GPU for the suite: where it is, what it is, and exactly the `nvidia,*` properties its
-/// firmware node carries (fault knobs applied), so the suite can apply the driver's rules:
-/// `bdf=0000:00:01.0;id=10de:2941;style=blackwell;readiness=ready;mem=0xd000000000+0x40000000;
-/// props=gpu-mem-base-pa:0xd000000000,gpu-mem-size:0x40000000,...`
-fn gpu_entry(platform: &Platform, map: &firmware::MemoryMap, g: &firmware::GpuFunction) -> String {
-    let style = if crate::board::gpu_config(g).blackwell_dvsec {
-        "blackwell"
-    } else {
-        "hopper"
-    };
-    let readiness = match g.readiness {
-        firmware::Readiness::Ready => "ready".to_string(),
-        firmware::Readiness::DelayMs(ms) => format!("delay:{ms}"),
-        firmware::Readiness::Never => "never".to_string(),
-    };
-    let props: Vec<String> = firmware::gpu_properties(platform, map, g)
-        .into_iter()
-        .map(|(name, v)| format!("{}:{v:#x}", gracevm_contract::properties::short_name(name)))
-        .collect();
-    format!(
-        "bdf=0000:00:{:02x}.{};id={:04x}:{:04x};style={style};readiness={readiness};mem={:#x}+{:#x};props={}",
-        g.device,
-        g.function,
-        g.vendor_id,
-        g.device_id,
-        g.memory.base,
-        g.memory.size,
-        props.join(",")
-    )
+/// A carve-out and the seed of its boot pattern.
+fn carveout(c: &firmware::CarveOut) -> Carveout {
+    Carveout {
+        pxm: c.pxm,
+        base: c.range.base,
+        size: c.range.size,
+        seed: carveout_seed(c.pxm),
+    }
+}
+
+/// A carve-out's retired-pages table and its entries in table order (what the EGM ioctl
+/// should report).
+fn retired_table(c: &firmware::CarveOut) -> RetiredTable {
+    RetiredTable {
+        pxm: c.pxm,
+        table: c.retired_pages_table,
+        pages: c.retired_pages.clone(),
+    }
+}
+
+/// One GPU for the suite: where it is, what it is, and exactly the firmware properties its
+/// node carries (fault knobs applied), so the suite can apply the driver's rules.
+fn gpu(platform: &Platform, map: &firmware::MemoryMap, g: &firmware::GpuFunction) -> Gpu {
+    Gpu {
+        bdf: format!("0000:00:{:02x}.{}", g.device, g.function),
+        vendor: g.vendor_id,
+        device: g.device_id,
+        style: crate::board::gpu_style(g),
+        readiness: g.readiness,
+        mem_base: g.memory.base,
+        mem_size: g.memory.size,
+        props: firmware::gpu_properties(platform, map, g)
+            .into_iter()
+            .map(|(name, v)| (properties::short_name(name).to_string(), v))
+            .collect(),
+    }
 }
 
 /// The seed of a carve-out's boot pattern ("GRACE" and the PXM), see `testdev::pattern_word`.

@@ -92,10 +92,8 @@ pub fn guest_base(init: &[u8], busybox: &[u8], suite: &[u8]) -> io::Result<Vec<u
     a.finish()
 }
 
-/// Quote `s` as one POSIX shell word.
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+/// Quote `s` as one POSIX shell word (the env file's quoting).
+pub use gracevm_contract::env::shell_quote;
 
 #[cfg(test)]
 mod tests {

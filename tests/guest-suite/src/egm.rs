@@ -22,8 +22,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::env::{parse_u64, Carveout, GuestEnv, ENV_PATH};
-pub use crate::gpus::{Gpu, GpuMemory, Readiness};
+use gracevm_contract::env::TableRoom;
+
+use crate::env::{Carveout, GuestEnv, ENV_PATH};
+pub use crate::gpus::{DriverRules, Gpu, GpuMemory, Readiness};
 use crate::kconfig;
 use crate::outcome::Outcome;
 use crate::pci::{PciDevice, PCI_DEVICES, PCI_DRIVERS};
@@ -32,7 +34,7 @@ use crate::pci::{PciDevice, PCI_DEVICES, PCI_DRIVERS};
 /// separated by whitespace (`pxm` of the carve-out as in `GRACEVM_CARVEOUTS`, `table` the
 /// guest physical address of its table, then the retired addresses in table order; the list
 /// may be empty: `4:0x40100000:`).
-pub const RETIRED_PAGES: &str = "GRACEVM_EGM_RETIRED_PAGES";
+pub use gracevm_contract::env::key::EGM_RETIRED_PAGES as RETIRED_PAGES;
 
 /// The nvgrace-gpu PCI driver (the EGM auxiliary device's parent).
 pub const GPU_DRIVER: &str = crate::gpus::DRIVER;
@@ -150,39 +152,11 @@ pub fn wait_for_path(path: &str, present: bool, timeout: Duration) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 /// One carve-out's retired-pages table, as the VMM wrote it (`GRACEVM_EGM_RETIRED_PAGES`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetiredTable {
-    /// The carve-out's PXM (as in `GRACEVM_CARVEOUTS`).
-    pub pxm: u32,
-    /// Guest physical address of the table.
-    pub table: u64,
-    /// Retired physical addresses, in table order.
-    pub pages: Vec<u64>,
-}
+pub use gracevm_contract::env::RetiredTable;
 
 /// Parses `GRACEVM_EGM_RETIRED_PAGES` (see [`RETIRED_PAGES`]).
 pub fn parse_retired_pages(text: &str) -> Result<Vec<RetiredTable>, String> {
-    let mut tables = Vec::new();
-    for entry in text.split_whitespace() {
-        let fields: Vec<&str> = entry.splitn(3, ':').collect();
-        let [pxm, table, pages] = fields[..] else {
-            return Err(format!("entry {entry:?}: expected pxm:table:addr,addr,..."));
-        };
-        let pxm = parse_u64(pxm)
-            .and_then(|p| u32::try_from(p).ok())
-            .ok_or_else(|| format!("entry {entry:?}: pxm {pxm:?} is not a number"))?;
-        let table = parse_u64(table)
-            .ok_or_else(|| format!("entry {entry:?}: table {table:?} is not a number"))?;
-        let pages = pages
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                parse_u64(p).ok_or_else(|| format!("entry {entry:?}: page {p:?} is not a number"))
-            })
-            .collect::<Result<Vec<u64>, String>>()?;
-        tables.push(RetiredTable { pxm, table, pages });
-    }
-    Ok(tables)
+    RetiredTable::parse_list(text)
 }
 
 /// `GRACEVM_EGM_RETIRED_PAGES`: `None` when the env lacks the key, `Fail` when malformed.
@@ -196,17 +170,16 @@ pub fn retired_tables(env: &GuestEnv) -> Result<Option<Vec<RetiredTable>>, Outco
 }
 
 /// `GRACEVM_EGM_TABLE_ROOM`: per carve-out PXM, the bytes the firmware gave its retired-pages
-/// table (`pxm:bytes ...`). A table longer than its room was cut short by the firmware.
-pub const TABLE_ROOM: &str = "GRACEVM_EGM_TABLE_ROOM";
+/// table. A table longer than its room was cut short by the firmware.
+pub use gracevm_contract::env::key::EGM_TABLE_ROOM as TABLE_ROOM;
 
 /// How many entries the table of carve-out `pxm` has room for (`None`: not said).
 pub fn table_room_entries(env: &GuestEnv, pxm: u32) -> Option<usize> {
-    env.get(TABLE_ROOM)?
-        .split_whitespace()
-        .filter_map(|entry| entry.split_once(':'))
-        .find(|(p, _)| p.parse::<u32>().ok() == Some(pxm))
-        .and_then(|(_, bytes)| bytes.parse::<u64>().ok())
-        .map(|bytes| (bytes.saturating_sub(8) / 8) as usize)
+    TableRoom::parse_list(env.get(TABLE_ROOM)?)
+        .ok()?
+        .into_iter()
+        .find(|room| room.pxm == pxm)
+        .map(|room| room.entries())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1593,11 +1566,9 @@ mod tests {
         let mut hopper = gpu(GPU_LINE);
         hopper.style = crate::gpus::Style::Hopper;
         assert!(matches!(expect_gpu(&hopper), GpuExpect::ProbeFails { .. }));
-        hopper.props.insert(GPU_MEM_SIZE.into(), 3 << 29);
+        hopper.set_prop(GPU_MEM_SIZE, 3 << 29);
         assert!(matches!(expect_gpu(&hopper), GpuExpect::Egm(_)));
-        hopper
-            .props
-            .insert(GPU_MEM_SIZE.into(), (1 << 30) + (256 << 20));
+        hopper.set_prop(GPU_MEM_SIZE, (1 << 30) + (256 << 20));
         assert!(matches!(expect_gpu(&hopper), GpuExpect::ProbeFails { .. }));
     }
 
@@ -1605,9 +1576,9 @@ mod tests {
     fn test_plan_regions_shared_pxm_one_region_first_gpu_wins() {
         let first = gpu(GPU_LINE);
         let mut second = gpu(&GPU_LINE.replace("00:01.0", "00:02.0"));
-        second.props.insert(EGM_BASE_PA.into(), 0x90_0000_0000);
+        second.set_prop(EGM_BASE_PA, 0x90_0000_0000);
         let mut other = gpu(&GPU_LINE.replace("00:01.0", "00:03.0"));
-        other.props.insert(EGM_PXM.into(), 5);
+        other.set_prop(EGM_PXM, 5);
         let broken = without(EGM_SIZE);
         let regions = plan_regions(&[first, broken, second, other], &[carveout()]);
         assert_eq!(regions.len(), 2);

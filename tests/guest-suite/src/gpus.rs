@@ -2,25 +2,21 @@
 //! each, by the driver's rules (drivers/vfio/pci/nvgrace-gpu/main.c, spec nvgrace-gpu.md)
 //! applied to the facts the VMM states.
 //!
-//! `GRACEVM_GPUS` holds one entry per GPU, separated by whitespace; fields separated by `;`:
-//! `bdf=0000:00:01.0;id=10de:2941;style=blackwell;readiness=ready;
-//! mem=0xd000000000+0x40000000;props=gpu-mem-base-pa:0xd000000000,gpu-mem-size:0x40000000,...`
-//!
-//! - `style`: `blackwell` (NVIDIA DVSEC with the MIG-fix bit: all memory is usemem) or
-//!   `hopper` (no DVSEC: a 1 GiB resmem tail is split off).
-//! - `readiness`: `ready`, `never`, or `delay:MS` (ready MS ms after the VM started).
-//! - `mem`: the aperture that really backs the GPU memory (`base+size`).
-//! - `props`: exactly the `nvidia,*` properties of the GPU's firmware node (names without the
-//!   prefix); missing ones are absent.
+//! `GRACEVM_GPUS` ([`gracevm_contract::env::Gpu`], with its format) holds one entry per GPU:
+//! where it is, its style (`blackwell`: all memory is usemem; `hopper`: a 1 GiB resmem tail
+//! is split off), its readiness ([`gracevm_contract::gpu::Readiness`]), the aperture that
+//! really backs its memory, and exactly the `nvidia,*` properties of its firmware node.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::env::{parse_u64, GuestEnv, ENV_PATH};
+pub use gracevm_contract::env::Gpu;
+pub use gracevm_contract::gpu::{Readiness, Style, POLL_TIMEOUT_MS};
+
+use crate::env::GuestEnv;
 use crate::outcome::Outcome;
 
 /// The env key.
-pub const GPUS: &str = "GRACEVM_GPUS";
+pub use gracevm_contract::env::key::GPUS;
 /// The driver's name (`struct pci_driver.name`).
 pub const DRIVER: &str = "nvgrace_gpu_vfio_pci";
 /// Its Kconfig option.
@@ -40,76 +36,12 @@ pub use gracevm_contract::properties::short::{
 pub const RESMEM_SIZE: u64 = 1 << 30;
 /// Hopper's usemem granule (`MEMBLK_SIZE`, `SZ_512M`).
 pub const MEMBLK_SIZE: u64 = 512 << 20;
-/// The driver polls readiness once a second for 30 s (`POLL_TIMEOUT_MS`).
-pub const POLL_TIMEOUT_MS: u64 = 30_000;
 /// Slack for the readiness race: poll quantum, guest boot before its clock starts.
 pub const READINESS_SLACK_MS: u64 = 5_000;
 
 /// vfio region of usemem (BAR4) and resmem (BAR2).
 pub const USEMEM_REGION: u32 = 4;
 pub const RESMEM_REGION: u32 = 2;
-
-/// How the GPU detects the MIG hardware bug.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Style {
-    /// NVIDIA DVSEC (id 3) with bit 0 at +0xA: no bug, all memory is usemem.
-    Blackwell,
-    /// No DVSEC: a 1 GiB resmem tail is split off.
-    Hopper,
-}
-
-impl fmt::Display for Style {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Style::Blackwell => "blackwell",
-            Style::Hopper => "hopper",
-        })
-    }
-}
-
-/// When BAR0's status registers read 0xFF.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
-    Ready,
-    /// This many ms after the VM started.
-    DelayMs(u64),
-    Never,
-}
-
-impl fmt::Display for Readiness {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Readiness::Ready => f.write_str("ready"),
-            Readiness::DelayMs(ms) => write!(f, "delay:{ms}"),
-            Readiness::Never => f.write_str("never"),
-        }
-    }
-}
-
-/// One GPU of `GRACEVM_GPUS`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gpu {
-    pub bdf: String,
-    pub vendor: u16,
-    pub device: u16,
-    pub style: Style,
-    pub readiness: Readiness,
-    /// The aperture backing the GPU memory: `[mem_base, mem_base + mem_size)`.
-    pub mem_base: u64,
-    pub mem_size: u64,
-    /// The firmware node's properties, without `nvidia,`.
-    pub props: BTreeMap<String, u64>,
-}
-
-impl fmt::Display for Gpu {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "GPU {} ({:04x}:{:04x}, {})",
-            self.bdf, self.vendor, self.device, self.style
-        )
-    }
-}
 
 /// One emulated BAR of the driver: GPU memory `[phys, phys + len)` as vfio region `index`,
 /// reported with size `bar_size` (`len` rounded up to a power of two).
@@ -198,14 +130,22 @@ impl ProbeExpectation {
     }
 }
 
-impl Gpu {
-    pub fn prop(&self, name: &str) -> Option<u64> {
-        self.props.get(name).copied()
-    }
-
+/// What the nvgrace-gpu driver (and the EGM series) make of a GPU the VMM describes.
+pub trait DriverRules {
     /// The driver's GPU memory rules (`nvgrace_gpu_fetch_memory_property`,
     /// `nvgrace_gpu_init_nvdev_struct`) applied to the properties and the style.
-    pub fn memory(&self) -> GpuMemory {
+    fn memory(&self) -> GpuMemory;
+
+    /// Whether a probe started `uptime_ms` after the guest kernel started should bind.
+    /// `egm_series`: the kernel carries the EGM series (which fails probes on missing EGM
+    /// properties).
+    fn probe_expectation(&self, uptime_ms: u64, egm_series: bool) -> ProbeExpectation;
+}
+
+impl DriverRules for Gpu {
+    /// The driver's GPU memory rules (`nvgrace_gpu_fetch_memory_property`,
+    /// `nvgrace_gpu_init_nvdev_struct`) applied to the properties and the style.
+    fn memory(&self) -> GpuMemory {
         let (base, size) = match (self.prop(PROP_MEM_BASE), self.prop(PROP_MEM_SIZE)) {
             (None, _) => {
                 return GpuMemory::Plain(format!("no nvidia,{PROP_MEM_BASE}: plain vfio-pci ops"))
@@ -263,26 +203,13 @@ impl Gpu {
         }
     }
 
-    /// The EGM series' extra probe failures (spec egm-driver.md section 1), considered only
-    /// when the GPU has valid memory properties and an `egm-pxm`.
-    fn egm_failure(&self) -> Option<String> {
-        self.prop(PROP_EGM_PXM)?;
-        for name in [PROP_EGM_SIZE, PROP_EGM_BASE, PROP_EGM_RETIRED] {
-            if self.prop(name).is_none() {
-                return Some(format!("EGM series: nvidia,{name} missing"));
-            }
-        }
-        (self.prop(PROP_EGM_RETIRED) == Some(0))
-            .then(|| format!("EGM series: nvidia,{PROP_EGM_RETIRED} is 0"))
-    }
-
     /// Whether a probe started `uptime_ms` after the guest kernel started should bind.
     /// `egm_series`: the kernel carries the EGM series (which fails probes on missing EGM
     /// properties).
-    pub fn probe_expectation(&self, uptime_ms: u64, egm_series: bool) -> ProbeExpectation {
+    fn probe_expectation(&self, uptime_ms: u64, egm_series: bool) -> ProbeExpectation {
         let memory = self.memory();
         let egm = match memory {
-            GpuMemory::Regions { .. } if egm_series => self.egm_failure(),
+            GpuMemory::Regions { .. } if egm_series => egm_failure(self),
             _ => None,
         };
         let readiness = match self.readiness {
@@ -336,114 +263,29 @@ impl Gpu {
             }
         }
     }
+}
 
-    /// Whether `[phys, phys + len)` lies inside the backing aperture.
-    pub fn backed(&self, phys: u64, len: u64) -> bool {
-        phys >= self.mem_base
-            && phys
-                .checked_add(len)
-                .is_some_and(|end| end <= self.mem_base.saturating_add(self.mem_size))
+/// The EGM series' extra probe failures (spec egm-driver.md section 1), considered only when
+/// the GPU has valid memory properties and an `egm-pxm`.
+fn egm_failure(gpu: &Gpu) -> Option<String> {
+    gpu.prop(PROP_EGM_PXM)?;
+    for name in [PROP_EGM_SIZE, PROP_EGM_BASE, PROP_EGM_RETIRED] {
+        if gpu.prop(name).is_none() {
+            return Some(format!("EGM series: nvidia,{name} missing"));
+        }
     }
+    (gpu.prop(PROP_EGM_RETIRED) == Some(0))
+        .then(|| format!("EGM series: nvidia,{PROP_EGM_RETIRED} is 0"))
 }
 
 /// Parses `GRACEVM_GPUS` (empty text: no GPU).
 pub fn parse_gpus(text: &str) -> Result<Vec<Gpu>, String> {
-    text.split_whitespace().map(parse_gpu).collect()
-}
-
-fn parse_gpu(entry: &str) -> Result<Gpu, String> {
-    let bad = |why: String| format!("GPU entry {entry:?}: {why}");
-    let mut fields = BTreeMap::new();
-    for field in entry.split(';').filter(|f| !f.is_empty()) {
-        let (key, value) = field
-            .split_once('=')
-            .ok_or_else(|| bad(format!("field {field:?} has no '='")))?;
-        if fields.insert(key, value).is_some() {
-            return Err(bad(format!("field {key} given twice")));
-        }
-    }
-    let field = |key: &str| {
-        fields
-            .get(key)
-            .copied()
-            .ok_or_else(|| bad(format!("no {key}=")))
-    };
-    let number = |what: &str, text: &str| {
-        parse_u64(text).ok_or_else(|| bad(format!("{what} {text:?} is not a number")))
-    };
-    let bdf = field("bdf")?;
-    if !crate::pci::is_bdf(bdf) {
-        return Err(bad(format!("bdf {bdf:?} is not dddd:bb:dd.f")));
-    }
-    let id = field("id")?;
-    let (vendor, device) = id
-        .split_once(':')
-        .and_then(|(v, d)| {
-            Some((
-                u16::from_str_radix(v, 16).ok()?,
-                u16::from_str_radix(d, 16).ok()?,
-            ))
-        })
-        .ok_or_else(|| bad(format!("id {id:?} is not vvvv:dddd")))?;
-    let style = match field("style")? {
-        "blackwell" => Style::Blackwell,
-        "hopper" => Style::Hopper,
-        other => {
-            return Err(bad(format!(
-                "style {other:?} is neither blackwell nor hopper"
-            )))
-        }
-    };
-    let readiness = match field("readiness")? {
-        "ready" => Readiness::Ready,
-        "never" => Readiness::Never,
-        other => match other.strip_prefix("delay:") {
-            Some(ms) => Readiness::DelayMs(number("readiness delay", ms)?),
-            None => {
-                return Err(bad(format!(
-                    "readiness {other:?} is not ready|never|delay:MS"
-                )))
-            }
-        },
-    };
-    let mem = field("mem")?;
-    let (base, size) = mem
-        .split_once('+')
-        .ok_or_else(|| bad(format!("mem {mem:?} is not base+size")))?;
-    let (mem_base, mem_size) = (number("mem base", base)?, number("mem size", size)?);
-    if mem_base.checked_add(mem_size).is_none() {
-        return Err(bad(format!("mem {mem} ends beyond 2^64")));
-    }
-    let mut props = BTreeMap::new();
-    for prop in field("props")?.split(',').filter(|p| !p.is_empty()) {
-        let (name, value) = prop
-            .split_once(':')
-            .ok_or_else(|| bad(format!("property {prop:?} is not name:value")))?;
-        let name = name.strip_prefix("nvidia,").unwrap_or(name);
-        if props
-            .insert(name.to_string(), number(name, value)?)
-            .is_some()
-        {
-            return Err(bad(format!("property {name} given twice")));
-        }
-    }
-    Ok(Gpu {
-        bdf: bdf.to_string(),
-        vendor,
-        device,
-        style,
-        readiness,
-        mem_base,
-        mem_size,
-        props,
-    })
+    Gpu::parse_list(text)
 }
 
 /// The GPUs of the env: `Skip` when the key is missing or names no GPU, `Fail` when malformed.
 pub fn gpus(env: &GuestEnv) -> Result<Vec<Gpu>, Outcome> {
-    let text = env.require(GPUS)?;
-    let gpus =
-        parse_gpus(text).map_err(|why| Outcome::fail(format!("{GPUS} in {ENV_PATH}: {why}")))?;
+    let gpus = env.require_parsed(GPUS, Gpu::parse_list)?;
     if gpus.is_empty() {
         return Err(Outcome::skip("platform has no GPU"));
     }
@@ -471,56 +313,6 @@ mod tests {
     fn with(entry: &str, from: &str, to: &str) -> Gpu {
         assert!(entry.contains(from), "{from}");
         gpu(&entry.replace(from, to))
-    }
-
-    #[test]
-    fn test_parse_gpus_contract_example() {
-        let g = gpu(GB200);
-        assert_eq!(g.bdf, "0000:00:01.0");
-        assert_eq!((g.vendor, g.device), (0x10de, 0x2941));
-        assert_eq!(g.style, Style::Blackwell);
-        assert_eq!(g.readiness, Readiness::Ready);
-        assert_eq!((g.mem_base, g.mem_size), (0xd0_0000_0000, 0x4000_0000));
-        assert_eq!(g.props.len(), 6);
-        assert_eq!(g.prop(PROP_EGM_RETIRED), Some(0x4010_0000));
-        assert_eq!(g.to_string(), "GPU 0000:00:01.0 (10de:2941, blackwell)");
-    }
-
-    #[test]
-    fn test_parse_gpus_two_entries_delay_and_empty_props() {
-        let text = format!(
-            "{GB200}\n bdf=0000:00:02.0;id=10de:2342;style=hopper;readiness=delay:1500;\
-             mem=0xe000000000+0x80000000;props="
-        );
-        let gpus = parse_gpus(&text).unwrap();
-        assert_eq!(gpus.len(), 2);
-        assert_eq!(gpus[1].readiness, Readiness::DelayMs(1500));
-        assert_eq!(gpus[1].style, Style::Hopper);
-        assert!(gpus[1].props.is_empty());
-        assert_eq!(parse_gpus("  ").unwrap(), vec![]);
-    }
-
-    #[test]
-    fn test_parse_gpus_malformed_entries_error() {
-        for (from, to) in [
-            ("bdf=0000:00:01.0", "bdf=00:01.0"),
-            ("id=10de:2941", "id=10de"),
-            ("style=blackwell", "style=ampere"),
-            ("readiness=ready", "readiness=soon"),
-            ("readiness=ready", "readiness=delay:x"),
-            ("mem=0xd000000000+0x40000000", "mem=0xd000000000"),
-            ("mem=0xd000000000+0x40000000", "mem=0xffffffffffffffff+0x2"),
-            ("gpu-mem-size:0x40000000", "gpu-mem-size"),
-            ("gpu-mem-size:0x40000000", "gpu-mem-size:big"),
-            ("egm-pxm:0x4", "gpu-mem-size:0x4"),
-            (";props=", ";bdf=0000:00:02.0;props="),
-        ] {
-            assert!(GB200.contains(from), "{from}");
-            let entry = GB200.replace(from, to);
-            assert!(parse_gpus(&entry).is_err(), "{entry}");
-        }
-        assert!(parse_gpus(&GB200.replace(";props=", ";")).is_err());
-        assert!(parse_gpus(&GB200.replace("bdf=", "bdf")).is_err());
     }
 
     #[test]
@@ -592,7 +384,7 @@ mod tests {
         assert_eq!(resmem.bar_register(), 0x18);
         // 2.25 GiB: usemem rounds down to 1 GiB, resmem takes the other 1.25 GiB.
         let odd = with(
-            &hopper.to_entry(),
+            &hopper.entry(),
             "gpu-mem-size:0x80000000",
             "gpu-mem-size:0x90000000",
         );
@@ -670,7 +462,7 @@ mod tests {
             ProbeExpectation::Either(_)
         ));
         // Readiness comes first: a never-ready GPU with bad Hopper sizes still times out.
-        let both = never.to_entry().replace("style=blackwell", "style=hopper");
+        let both = never.entry().replace("style=blackwell", "style=hopper");
         assert!(matches!(
             gpu(&both).probe_expectation(0, false),
             ProbeExpectation::Fails { errno: Some(e), .. } if e == libc::ETIME
@@ -707,42 +499,10 @@ mod tests {
             zero_table.probe_expectation(0, true),
             ProbeExpectation::Fails { errno: None, .. }
         ));
-        let no_pxm = with(&no_egm_size.to_entry(), "egm-pxm:0x4,", "");
+        let no_pxm = with(&no_egm_size.entry(), "egm-pxm:0x4,", "");
         assert!(matches!(
             no_pxm.probe_expectation(0, true),
             ProbeExpectation::Binds(_)
         ));
-    }
-
-    #[test]
-    fn test_backed_inside_aperture_only() {
-        let g = gpu(GB200);
-        assert!(g.backed(0xd0_0000_0000, 1 << 30));
-        assert!(g.backed(0xd0_3fff_fff8, 8));
-        assert!(!g.backed(0xd0_3fff_fff8, 16));
-        assert!(!g.backed(0xcf_ffff_fff8, 8));
-        assert!(!g.backed(u64::MAX, 8));
-    }
-
-    impl Gpu {
-        /// Back to a `GRACEVM_GPUS` entry (tests only).
-        fn to_entry(&self) -> String {
-            let readiness = self.readiness.to_string();
-            let props: Vec<String> = self
-                .props
-                .iter()
-                .map(|(name, value)| format!("{name}:{value:#x}"))
-                .collect();
-            format!(
-                "bdf={};id={:04x}:{:04x};style={};readiness={readiness};mem={:#x}+{:#x};props={}",
-                self.bdf,
-                self.vendor,
-                self.device,
-                self.style,
-                self.mem_base,
-                self.mem_size,
-                props.join(",")
-            )
-        }
     }
 }

@@ -95,20 +95,8 @@ impl PciDevice {
     }
 }
 
-/// Whether `text` is a PCI address `dddd:bb:dd.f` (hex digits, device < 0x20, function < 8).
-pub fn is_bdf(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let hex = |range: std::ops::Range<usize>| bytes[range].iter().all(u8::is_ascii_hexdigit);
-    bytes.len() == 12
-        && bytes[4] == b':'
-        && bytes[7] == b':'
-        && bytes[10] == b'.'
-        && hex(0..4)
-        && hex(5..7)
-        && hex(8..10)
-        && u8::from_str_radix(&text[8..10], 16).is_ok_and(|device| device < 0x20)
-        && matches!(bytes[11], b'0'..=b'7')
-}
+/// Whether `text` is a PCI address `dddd:bb:dd.f` (as the env names GPUs).
+pub use gracevm_contract::env::is_bdf;
 
 #[cfg(test)]
 mod tests {

@@ -521,7 +521,7 @@ mod tests {
         let probe_log = AccessLog::default();
         let mut root = PciRoot::new(windows()).unwrap();
         for (device, device_id, dvsec, readiness) in [
-            (0, 0x2941, true, Readiness::AfterMs(1000)),
+            (0, 0x2941, true, Readiness::DelayMs(1000)),
             (1, 0x2348, false, Readiness::Ready),
         ] {
             let cfg = GpuConfig {

@@ -102,7 +102,7 @@ impl EcamHarness {
         let clock = Arc::new(ManualClock::new());
         let mut root = PciRoot::new(Self::WINDOWS).expect("valid windows");
         let gpus = [
-            (GB200_DEVICE_ID, true, Readiness::AfterMs(1000)),
+            (GB200_DEVICE_ID, true, Readiness::DelayMs(1000)),
             (GH200_DEVICE_ID, false, Readiness::Ready),
         ];
         for (device, (device_id, blackwell_dvsec, readiness)) in gpus.into_iter().enumerate() {
@@ -338,7 +338,7 @@ impl Bar0Harness {
         let cfg = GpuConfig {
             device_id: GB200_DEVICE_ID,
             blackwell_dvsec: true,
-            readiness: Readiness::AfterMs(500),
+            readiness: Readiness::DelayMs(500),
         };
         Self {
             gpu: GpuFunction::new(cfg, clock.clone()),

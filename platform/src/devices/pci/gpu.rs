@@ -53,12 +53,9 @@ pub const GPU_CLASS_CODE: u32 = 0x03_02_00;
 
 /// Size of BAR0 (the driver needs at least 0x200C0 bytes).
 pub const BAR0_SIZE: u64 = 16 << 20;
-/// BAR0 offset of the C2C link status register.
-pub const C2C_LINK_STATUS: u64 = 0x1498;
-/// BAR0 offset of the HBM training status register.
-pub const HBM_TRAINING_STATUS: u64 = 0x200BC;
-/// What both status registers read once the GPU is ready.
-pub const STATUS_READY: u32 = 0xFF;
+// The readiness registers and the readiness model are shared with the platform description
+// and the in-guest suite.
+pub use gracevm_contract::gpu::{Readiness, C2C_LINK_STATUS, HBM_TRAINING_STATUS, STATUS_READY};
 
 /// Offset of the NVIDIA DVSEC when present (the only extended capability).
 pub const NVIDIA_DVSEC_OFFSET: u16 = 0x100;
@@ -123,18 +120,6 @@ impl Clock for ManualClock {
         // back in practice.
         self.base.checked_add(elapsed).unwrap_or(self.base)
     }
-}
-
-/// When the GPU's readiness registers start reading [`STATUS_READY`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
-    /// From the start.
-    Ready,
-    /// This many milliseconds after the function is created (C2C link / HBM training delay;
-    /// the driver gives up after 30 s).
-    AfterMs(u64),
-    /// Never: probe fails with ETIME after 30 s.
-    Never,
 }
 
 /// How to build a [`GpuFunction`] (the model's description is parsed elsewhere).
@@ -208,14 +193,8 @@ impl GpuFunction {
 
     /// Whether the readiness registers read [`STATUS_READY`] now.
     pub fn is_ready(&self) -> bool {
-        match self.readiness {
-            Readiness::Ready => true,
-            Readiness::Never => false,
-            Readiness::AfterMs(ms) => {
-                let elapsed = self.clock.now().saturating_duration_since(self.created);
-                elapsed >= Duration::from_millis(ms)
-            }
-        }
+        let elapsed = self.clock.now().saturating_duration_since(self.created);
+        self.readiness.is_ready_after(elapsed)
     }
 
     /// The 32-bit BAR0 register at the 4-byte-aligned `offset`.
@@ -428,7 +407,7 @@ mod tests {
     fn test_gpu_readiness_after_ms_flips_at_deadline() {
         // Arrange
         let clock = Arc::new(ManualClock::new());
-        let mut g = gpu_on(&clock, Readiness::AfterMs(1500));
+        let mut g = gpu_on(&clock, Readiness::DelayMs(1500));
         // Act / Assert
         assert_eq!(bar_read32(&mut g, C2C_LINK_STATUS), 0);
         assert_eq!(bar_read32(&mut g, HBM_TRAINING_STATUS), 0);
@@ -444,7 +423,7 @@ mod tests {
         // Arrange
         let clock = Arc::new(ManualClock::new());
         clock.advance(Duration::from_secs(10));
-        let mut g = gpu_on(&clock, Readiness::AfterMs(100));
+        let mut g = gpu_on(&clock, Readiness::DelayMs(100));
         // Act / Assert
         assert!(!g.is_ready());
         clock.advance(Duration::from_millis(100));
@@ -528,7 +507,7 @@ mod tests {
     fn test_gpu_fuzz_bar0_stream_keeps_invariants() {
         // Arrange
         let clock = Arc::new(ManualClock::new());
-        let mut g = gpu_on(&clock, Readiness::AfterMs(30_000));
+        let mut g = gpu_on(&clock, Readiness::DelayMs(30_000));
         let mut rng = SplitMix64(0x6B0_BA50_5EED);
         let hot = [C2C_LINK_STATUS, HBM_TRAINING_STATUS, 0, 0x1490, 0x200B8];
         let mut was_ready = false;

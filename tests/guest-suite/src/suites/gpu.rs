@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::devmem::{self, Access};
 use crate::gpus::{
-    self, Gpu, GpuMemory, MemRegion, ProbeExpectation, Readiness, DRIVER, EGM_KCONFIG, KCONFIG,
+    self, DriverRules, Gpu, GpuMemory, MemRegion, ProbeExpectation, Readiness, DRIVER, EGM_KCONFIG,
+    KCONFIG,
 };
 use crate::kconfig;
 use crate::ktap::note;
