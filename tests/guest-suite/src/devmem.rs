@@ -21,18 +21,6 @@ pub enum Access {
     ReadWrite,
 }
 
-/// `[phys, phys + len)` mapped through /dev/mem (the enclosing pages, as a [`Mapping`] of the
-/// file); unmapped on drop.
-#[derive(Debug)]
-pub struct PhysMap {
-    /// The enclosing pages.
-    map: Mapping,
-    /// Bytes from the start of `map` to `phys`.
-    lead: usize,
-    phys: u64,
-    len: usize,
-}
-
 /// The kernel's page size.
 pub fn page_size() -> usize {
     // SAFETY: sysconf takes an integer and reads no memory of ours.
@@ -43,103 +31,28 @@ pub fn page_size() -> usize {
         .unwrap_or(4096)
 }
 
-impl PhysMap {
-    /// Maps `len` bytes of guest physical memory from `phys`.
-    pub fn new(phys: u64, len: usize, access: Access) -> Result<PhysMap, String> {
-        PhysMap::map_file(DEV_MEM, phys, len, access)
-    }
+/// `[phys, phys + len)` of guest physical memory, mapped through /dev/mem (the enclosing
+/// pages): byte 0 of the mapping is `phys`.
+pub fn map(phys: u64, len: usize, access: Access) -> Result<Mapping, String> {
+    map_file(DEV_MEM, phys, len, access)
+}
 
-    /// Maps `len` bytes of the file `path` from byte `phys` (/dev/mem, or a plain file in
-    /// tests).
-    fn map_file(path: &str, phys: u64, len: usize, access: Access) -> Result<PhysMap, String> {
-        let what = || format!("{path} [{phys:#x}, +{len:#x})");
-        if len == 0 {
-            return Err(format!("{}: empty mapping", what()));
-        }
-        let page = page_size() as u64;
-        let start = phys & !(page - 1);
-        let lead = (phys - start) as usize;
-        let map_len = (lead as u64)
-            .checked_add(len as u64)
-            .and_then(|n| n.checked_add(page - 1))
-            .map(|n| n & !(page - 1))
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| format!("{}: length overflows", what()))?;
-        if libc::off_t::try_from(start).is_err() {
-            return Err(format!("{}: address beyond off_t", what()));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(access == Access::ReadWrite)
-            .custom_flags(libc::O_SYNC)
-            .open(path)
-            .map_err(|e| format!("cannot open {path}: {e}"))?;
-        let map = Mapping::new(file.as_fd(), start, map_len, access)
-            .map_err(|e| format!("mmap of {}: {e}", what()))?;
-        Ok(PhysMap {
-            map,
-            lead,
-            phys,
-            len,
-        })
-    }
-
-    /// Guest physical address of offset 0.
-    pub fn phys(&self) -> u64 {
-        self.phys
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The offset in `map` of an aligned `size`-byte access at `offset`, after checking it is
-    /// inside `[phys, phys + len)` (the mapping's own checks cover the address alignment, as
-    /// its start is page aligned, and writability).
-    fn at(&self, offset: usize, size: usize) -> usize {
-        assert!(
-            offset % size == 0,
-            "unaligned {size}-byte access at {:#x}",
-            self.phys + offset as u64
-        );
-        assert!(
-            offset.checked_add(size).is_some_and(|end| end <= self.len),
-            "access at offset {offset:#x} beyond the {:#x}-byte mapping of {:#x}",
-            self.len,
-            self.phys
-        );
-        self.lead + offset
-    }
-
-    /// The u64 at byte `offset` (8-byte aligned), one volatile load.
-    pub fn read_u64(&self, offset: usize) -> u64 {
-        self.map.read_u64(self.at(offset, 8))
-    }
-
-    /// Stores `value` at byte `offset` (8-byte aligned), one volatile store.
-    pub fn write_u64(&self, offset: usize, value: u64) {
-        self.map.write_u64(self.at(offset, 8), value)
-    }
-
-    /// The u32 at byte `offset` (4-byte aligned), one volatile load.
-    pub fn read_u32(&self, offset: usize) -> u32 {
-        self.map.read_u32(self.at(offset, 4))
-    }
-
-    /// Stores `value` at byte `offset` (4-byte aligned), one volatile store.
-    pub fn write_u32(&self, offset: usize, value: u32) {
-        self.map.write_u32(self.at(offset, 4), value)
-    }
+/// `len` bytes of the file `path` from byte `phys` (/dev/mem, or a plain file in tests).
+fn map_file(path: &str, phys: u64, len: usize, access: Access) -> Result<Mapping, String> {
+    let what = || format!("{path} [{phys:#x}, +{len:#x})");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(access == Access::ReadWrite)
+        .custom_flags(libc::O_SYNC)
+        .open(path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    Mapping::window(file.as_fd(), phys, len, access).map_err(|e| format!("{}: {e}", what()))
 }
 
 /// The first u64 of `map` (from byte `from`, for `len` bytes) that differs from
 /// `expected(offset)`, as `(offset, found)`, and how many differ.
 pub fn compare_u64(
-    map: &PhysMap,
+    map: &Mapping,
     from: usize,
     len: usize,
     expected: impl Fn(usize) -> u64,
@@ -174,8 +87,8 @@ mod tests {
         let page = page_size();
         let phys = (page + 0x18) as u64;
         {
-            let map = PhysMap::map_file(&path, phys, 0x40, Access::ReadWrite).unwrap();
-            assert_eq!(map.phys(), phys);
+            let map = map_file(&path, phys, 0x40, Access::ReadWrite).unwrap();
+            assert_eq!(map.file_offset(), phys);
             assert_eq!(map.len(), 0x40);
             map.write_u64(8, 0x1122_3344_5566_7788);
             map.write_u32(0x10, 0xdead_beef);
@@ -198,8 +111,8 @@ mod tests {
     #[test]
     fn test_phys_map_out_of_bounds_unaligned_readonly_write_panic() {
         let path = scratch("bounds", 1);
-        let rw = PhysMap::map_file(&path, 0, 16, Access::ReadWrite).unwrap();
-        let ro = PhysMap::map_file(&path, 0, 16, Access::Read).unwrap();
+        let rw = map_file(&path, 0, 16, Access::ReadWrite).unwrap();
+        let ro = map_file(&path, 0, 16, Access::Read).unwrap();
         let panics =
             |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
         assert!(panics(&|| {
@@ -211,8 +124,8 @@ mod tests {
         assert!(panics(&|| rw.write_u32(2, 0)));
         assert!(panics(&|| ro.write_u64(0, 1)));
         assert_eq!(ro.read_u64(8), 0);
-        assert!(PhysMap::map_file(&path, 0, 0, Access::Read).is_err());
-        assert!(PhysMap::map_file("/nonexistent/mem", 0, 8, Access::Read).is_err());
+        assert!(map_file(&path, 0, 0, Access::Read).is_err());
+        assert!(map_file("/nonexistent/mem", 0, 8, Access::Read).is_err());
         std::fs::remove_file(path).unwrap();
     }
 }

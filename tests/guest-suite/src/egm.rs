@@ -9,7 +9,7 @@
 //!   appears and what its retired-pages list holds.
 //! - The kernel interfaces: GPU bind/unbind through `driver_override` ([`try_bind`], on
 //!   [`crate::pci::PciDevice`]), the sysfs objects of the spec's section 2, `/dev/egm<pxm>`
-//!   ([`open_node`], [`RawMap`] with raw flags and offsets) and the `EGM_RETIRED_PAGES_LIST`
+//!   ([`open_node`]; mapped with [`crate::mapping::Mapping::raw`]) and the `EGM_RETIRED_PAGES_LIST`
 //!   ioctl ([`retired_pages_call`]).
 //! - Process helpers ([`fork_child`], [`Pipe`]) for accesses that may end in SIGBUS or worse:
 //!   they run in a forked child so the test process survives to report.
@@ -883,163 +883,6 @@ pub fn list_retired_pages(fd: BorrowedFd<'_>) -> Result<Vec<RetiredPage>, String
     Ok(full.entries)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Mappings with raw flags and offsets
-// ---------------------------------------------------------------------------------------------
-
-/// `mmap` sharing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sharing {
-    Shared,
-    Private,
-}
-
-/// A read-write mapping of a file with the caller's raw offset and flags; unmapped on drop.
-#[derive(Debug)]
-pub struct RawMap {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl RawMap {
-    /// `mmap(NULL, len, PROT_READ|PROT_WRITE, sharing, fd, offset)`; `Err` is mmap's errno.
-    pub fn new(
-        fd: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
-        sharing: Sharing,
-    ) -> std::io::Result<RawMap> {
-        let flags = match sharing {
-            Sharing::Shared => libc::MAP_SHARED,
-            Sharing::Private => libc::MAP_PRIVATE,
-        };
-        // SAFETY: a fresh mapping placed by the kernel (no address hint) of a file the caller
-        // holds open; it aliases no Rust object and may outlive the descriptor. The offset is
-        // passed bit for bit (off_t is 64-bit here), so the driver sees what the test chose.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(RawMap {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The virtual address of byte 0.
-    pub fn addr(&self) -> usize {
-        self.ptr as usize
-    }
-
-    fn word(&self, offset: usize) -> *mut u64 {
-        assert!(offset % 8 == 0, "unaligned u64 access at {offset:#x}");
-        assert!(
-            offset.checked_add(8).is_some_and(|end| end <= self.len),
-            "u64 access at {offset:#x} beyond the {:#x}-byte mapping",
-            self.len
-        );
-        // SAFETY: offset + 8 <= len (checked above): the pointer stays inside the mapping.
-        unsafe { self.ptr.add(offset).cast() }
-    }
-
-    /// The u64 at `offset`, one volatile load.
-    pub fn read_u64(&self, offset: usize) -> u64 {
-        let ptr = self.word(offset);
-        // SAFETY: in bounds and aligned (checked by `word`, mmap returns page-aligned
-        // addresses); the mapping lives as long as self.
-        unsafe { ptr.read_volatile() }
-    }
-
-    /// Stores `value` at `offset`, one volatile store.
-    pub fn write_u64(&self, offset: usize, value: u64) {
-        let ptr = self.word(offset);
-        // SAFETY: in bounds, aligned, mapped writable; no Rust reference points into it.
-        unsafe { ptr.write_volatile(value) }
-    }
-
-    /// `mremap` to `new_len` (`may_move`: MREMAP_MAYMOVE); on success the mapping is the new
-    /// one.
-    pub fn remap(&mut self, new_len: usize, may_move: bool) -> std::io::Result<()> {
-        let flags = if may_move { libc::MREMAP_MAYMOVE } else { 0 };
-        // SAFETY: ptr/len are a live mapping of ours; on success the old range is replaced by
-        // the returned one, which we then own; on failure nothing changes.
-        let ptr = unsafe { libc::mremap(self.ptr.cast(), self.len, new_len, flags) };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        self.ptr = ptr.cast();
-        self.len = new_len;
-        Ok(())
-    }
-}
-
-impl Drop for RawMap {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the live mapping, unmapped only here.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
-        }
-    }
-}
-
-/// An inaccessible anonymous page: a user pointer the kernel cannot read.
-#[derive(Debug)]
-pub struct NoAccessPage {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl NoAccessPage {
-    pub fn new(len: usize) -> std::io::Result<NoAccessPage> {
-        // SAFETY: a fresh anonymous PROT_NONE mapping placed by the kernel; nothing of ours
-        // is touched.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(NoAccessPage { ptr, len })
-    }
-
-    pub fn addr(&self) -> usize {
-        self.ptr as usize
-    }
-}
-
-impl Drop for NoAccessPage {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `new`, unmapped only here.
-        unsafe {
-            libc::munmap(self.ptr, self.len);
-        }
-    }
-}
-
 /// `prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY)`: be signalled as soon as memory
 /// this process maps is poisoned, not only when it touches it (QEMU does this at start-up;
 /// memory_failure signals another process's mapping only when it asked for early kill).
@@ -1830,41 +1673,12 @@ mod tests {
     }
 
     #[test]
-    fn test_raw_map_private_writes_stay_private_shared_reach_file() {
-        let page = crate::devmem::page_size();
-        let path = std::env::temp_dir().join(format!("guest-suite-egm-map-{}", std::process::id()));
-        std::fs::write(&path, vec![0u8; 2 * page]).unwrap();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        use std::os::fd::AsFd;
-        {
-            let shared = RawMap::new(file.as_fd(), page as u64, page, Sharing::Shared).unwrap();
-            let private = RawMap::new(file.as_fd(), 0, page, Sharing::Private).unwrap();
-            shared.write_u64(8, 0x5eed);
-            private.write_u64(0, 0xc0ff);
-            assert_eq!(private.read_u64(0), 0xc0ff);
-        }
-        let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(
-            u64::from_ne_bytes(bytes[page + 8..page + 16].try_into().unwrap()),
-            0x5eed
-        );
-        assert_eq!(u64::from_ne_bytes(bytes[..8].try_into().unwrap()), 0);
-        let beyond = RawMap::new(file.as_fd(), 3, page, Sharing::Shared);
-        assert_eq!(errno(&beyond), Some(libc::EINVAL));
-        std::fs::remove_file(path).unwrap();
-    }
-
-    #[test]
     fn test_ioctl_on_plain_file_is_enotty_and_bad_pointer_errors() {
         let file = File::open("/proc/self/status").unwrap();
         use std::os::fd::AsFd;
         let reply = retired_pages_call(file.as_fd(), EGM_RETIRED_PAGES_LIST, 8, 0);
         assert_eq!(errno(&reply), Some(libc::ENOTTY));
-        let page = NoAccessPage::new(crate::devmem::page_size()).unwrap();
+        let page = crate::mapping::Mapping::inaccessible(crate::devmem::page_size()).unwrap();
         assert!(raw_ioctl(file.as_fd(), EGM_RETIRED_PAGES_LIST, page.addr()).is_err());
     }
 }

@@ -1,26 +1,42 @@
-//! A shared mapping of a device file (a VFIO region through the device fd, `/dev/egmN`), with
-//! bounds-checked aligned volatile u64 accesses.
+//! The suite's one memory mapping type: a device file mapped from an offset (a VFIO region
+//! through the device fd, `/dev/egmN` with the caller's raw offset and sharing, guest physical
+//! memory through `/dev/mem`), or an inaccessible anonymous range, with bounds-checked aligned
+//! volatile u32/u64 accesses. Every `mmap`, `mremap` and `munmap` of the suite is here.
 //!
-//! Unlike [`crate::devmem::PhysMap`] the file offset is the caller's and is passed to `mmap`
-//! as it is (page alignment, bounds and offset encoding are the driver's to check), and a
-//! refused `mmap` comes back as the `io::Error` so a test can compare its errno.
+//! The file offset is the caller's and is passed to `mmap` as it is (page alignment, bounds
+//! and offset encoding are the driver's to check), and a refused `mmap` comes back as the
+//! `io::Error` so a test can compare its errno.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use crate::devmem::Access;
+pub use crate::devmem::Access;
 
-/// `len` bytes of a file mapped `MAP_SHARED` from byte `offset`; unmapped on drop.
+/// `mmap` sharing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    Shared,
+    Private,
+}
+
+/// `len` bytes of a mapping, from `lead` bytes into it; unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
-    ptr: *mut u8,
+    /// What mmap returned, and its length.
+    base: *mut u8,
+    map_len: usize,
+    /// Bytes from `base` to byte 0 of this mapping (a /dev/mem window that starts mid-page).
+    lead: usize,
     len: usize,
+    /// File offset of byte 0.
     offset: u64,
-    access: Access,
+    /// `None`: PROT_NONE, no access at all.
+    access: Option<Access>,
 }
 
 impl Mapping {
-    /// Maps `len` bytes of `fd` from file offset `offset`. The error is `mmap`'s own (its errno
-    /// is what the driver returned), or `EINVAL` for an offset beyond `off_t` or a 0 length.
+    /// Maps `len` bytes of `fd` from file offset `offset`, `MAP_SHARED`. The error is `mmap`'s
+    /// own (its errno is what the driver returned), or `EINVAL` for an offset beyond `off_t`
+    /// or a 0 length.
     pub fn new(
         fd: BorrowedFd<'_>,
         offset: u64,
@@ -36,28 +52,76 @@ impl Mapping {
             Access::Read => libc::PROT_READ,
             Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
-        // SAFETY: a fresh shared mapping placed by the kernel (no address hint) of a file the
-        // caller holds open for the call; it aliases no Rust object, and the mapping may
-        // outlive the descriptor, as mmap(2) allows.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                file_offset,
-            )
+        let base = map(Some(fd), file_offset, len, prot, libc::MAP_SHARED)?;
+        Ok(Mapping::whole(base, len, offset, Some(access)))
+    }
+
+    /// `mmap(NULL, len, PROT_READ|PROT_WRITE, sharing, fd, offset)` with the offset passed
+    /// bit for bit (`off_t` is 64-bit here; an offset beyond it reaches the kernel as the
+    /// negative `off_t` it is), so the driver and the mm core see what the test chose; `Err` is
+    /// mmap's errno.
+    pub fn raw(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        sharing: Sharing,
+    ) -> std::io::Result<Mapping> {
+        let flags = match sharing {
+            Sharing::Shared => libc::MAP_SHARED,
+            Sharing::Private => libc::MAP_PRIVATE,
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let base = map(Some(fd), offset as libc::off_t, len, prot, flags)?;
+        Ok(Mapping::whole(base, len, offset, Some(Access::ReadWrite)))
+    }
+
+    /// `len` bytes of fresh anonymous `PROT_NONE` memory: a user pointer the kernel cannot
+    /// read ([`Mapping::addr`]). Any access through it panics.
+    pub fn inaccessible(len: usize) -> std::io::Result<Mapping> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let base = map(None, 0, len, libc::PROT_NONE, flags)?;
+        Ok(Mapping::whole(base, len, 0, None))
+    }
+
+    /// `[offset, offset + len)` of the file opened as `fd`, mapped from the enclosing pages
+    /// (`offset` need not be page aligned): byte 0 is at `offset`.
+    pub(crate) fn window(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        access: Access,
+    ) -> Result<Mapping, String> {
+        if len == 0 {
+            return Err("empty mapping".into());
         }
-        Ok(Mapping {
-            ptr: ptr.cast(),
+        let page = crate::devmem::page_size() as u64;
+        let start = offset & !(page - 1);
+        let lead = (offset - start) as usize;
+        let map_len = (lead as u64)
+            .checked_add(len as u64)
+            .and_then(|n| n.checked_add(page - 1))
+            .map(|n| n & !(page - 1))
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or("length overflows")?;
+        if libc::off_t::try_from(start).is_err() {
+            return Err("address beyond off_t".into());
+        }
+        let mut map = Mapping::new(fd, start, map_len, access).map_err(|e| format!("mmap: {e}"))?;
+        map.lead = lead;
+        map.len = len;
+        map.offset = offset;
+        Ok(map)
+    }
+
+    fn whole(base: *mut u8, len: usize, offset: u64, access: Option<Access>) -> Mapping {
+        Mapping {
+            base,
+            map_len: len,
+            lead: 0,
             len,
             offset,
             access,
-        })
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -68,16 +132,21 @@ impl Mapping {
         self.len == 0
     }
 
-    /// The file offset of byte 0.
+    /// The file offset of byte 0 (for a /dev/mem mapping: its guest physical address).
     pub fn file_offset(&self) -> u64 {
         self.offset
     }
 
+    /// The virtual address of byte 0.
+    pub fn addr(&self) -> usize {
+        self.base as usize + self.lead
+    }
+
     /// Pointer to `offset`, after checking an aligned `size`-byte access fits (mmap returns
-    /// page-aligned addresses, so an aligned offset is an aligned address).
+    /// page-aligned addresses, so with the lead an aligned offset is an aligned address).
     fn at(&self, offset: usize, size: usize, write: bool) -> *mut u8 {
         assert!(
-            offset % size == 0,
+            offset % size == 0 && (self.lead + offset) % size == 0,
             "unaligned {size}-byte access at mapping offset {offset:#x}"
         );
         assert!(
@@ -85,12 +154,14 @@ impl Mapping {
             "{size}-byte access at offset {offset:#x} beyond the {:#x}-byte mapping",
             self.len
         );
+        assert!(self.access.is_some(), "access to an inaccessible mapping");
         assert!(
-            !write || self.access == Access::ReadWrite,
+            !write || self.access == Some(Access::ReadWrite),
             "write to a read-only mapping"
         );
-        // SAFETY: offset + size <= len (checked above), so the pointer stays inside the mapping.
-        unsafe { self.ptr.add(offset) }
+        // SAFETY: lead + offset + size <= lead + len <= map_len (checked above), so the
+        // pointer stays inside the mapping.
+        unsafe { self.base.add(self.lead + offset) }
     }
 
     /// The u64 at byte `offset` (8-byte aligned), one volatile load.
@@ -122,17 +193,54 @@ impl Mapping {
         // into the mapping.
         unsafe { ptr.write_volatile(value) }
     }
+
+    /// `mremap` to `new_len` (`may_move`: MREMAP_MAYMOVE); on success the mapping is the new
+    /// one.
+    pub fn remap(&mut self, new_len: usize, may_move: bool) -> std::io::Result<()> {
+        let flags = if may_move { libc::MREMAP_MAYMOVE } else { 0 };
+        let new_map_len = new_len
+            .checked_add(self.lead)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: base/map_len are a live mapping of ours; on success the old range is
+        // replaced by the returned one, which we then own; on failure nothing changes.
+        let ptr = unsafe { libc::mremap(self.base.cast(), self.map_len, new_map_len, flags) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.base = ptr.cast();
+        self.map_len = new_map_len;
+        self.len = new_len;
+        Ok(())
+    }
+}
+
+/// The one `mmap` call: a fresh mapping placed by the kernel.
+fn map(
+    fd: Option<BorrowedFd<'_>>,
+    offset: libc::off_t,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+) -> std::io::Result<*mut u8> {
+    let fd = fd.map_or(-1, |fd| fd.as_raw_fd());
+    // SAFETY: no address hint, so the kernel places the mapping where nothing of ours lives: it
+    // aliases no Rust object. A file descriptor is one the caller holds open for the call; the
+    // mapping may outlive it, as mmap(2) allows.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ptr.cast())
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned, unmapped only here.
+        // SAFETY: `base`/`map_len` are exactly the live mapping, unmapped only here.
         unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
+            libc::munmap(self.base.cast(), self.map_len);
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +311,47 @@ mod tests {
         }));
         assert!(panics(&|| ro.write_u64(0, 1)));
         assert_eq!(ro.read_u64(8), 0);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn test_raw_private_writes_stay_private_shared_reach_file() {
+        let page = crate::devmem::page_size();
+        let (path, file) = scratch("raw", 2 * page);
+        {
+            let shared = Mapping::raw(file.as_fd(), page as u64, page, Sharing::Shared).unwrap();
+            let private = Mapping::raw(file.as_fd(), 0, page, Sharing::Private).unwrap();
+            shared.write_u64(8, 0x5eed);
+            private.write_u64(0, 0xc0ff);
+            assert_eq!(private.read_u64(0), 0xc0ff);
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            u64::from_ne_bytes(bytes[page + 8..page + 16].try_into().unwrap()),
+            0x5eed
+        );
+        assert_eq!(u64::from_ne_bytes(bytes[..8].try_into().unwrap()), 0);
+        let beyond = Mapping::raw(file.as_fd(), 3, page, Sharing::Shared);
+        assert_eq!(beyond.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn test_remap_grows_in_place_or_refuses_inaccessible_panics() {
+        let page = crate::devmem::page_size();
+        let (path, file) = scratch("remap", 2 * page);
+        let mut map = Mapping::raw(file.as_fd(), 0, page, Sharing::Shared).unwrap();
+        map.write_u64(0, 7);
+        map.remap(2 * page, true).unwrap();
+        assert_eq!((map.len(), map.read_u64(0)), (2 * page, 7));
+        map.write_u64(page, 8);
+        let none = Mapping::inaccessible(page).unwrap();
+        assert_ne!(none.addr(), 0);
+        let panics =
+            |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
+        assert!(panics(&|| {
+            none.read_u64(0);
+        }));
         std::fs::remove_file(path).unwrap();
     }
 }

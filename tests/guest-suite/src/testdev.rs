@@ -23,8 +23,9 @@ use std::fmt;
 
 use gracevm_contract::testdev;
 
-use crate::devmem::{Access, PhysMap};
+use crate::devmem::{self, Access};
 use crate::env::{GuestEnv, ENV_PATH, TESTDEV};
+use crate::mapping::Mapping;
 use crate::outcome::Outcome;
 
 /// Size of the register page.
@@ -78,7 +79,7 @@ pub trait Registers {
     fn write32(&self, offset: usize, value: u32);
 }
 
-impl Registers for PhysMap {
+impl Registers for Mapping {
     fn read32(&self, offset: usize) -> u32 {
         self.read_u32(offset)
     }
@@ -90,15 +91,15 @@ impl Registers for PhysMap {
 
 /// The test device.
 #[derive(Debug)]
-pub struct TestDev<R = PhysMap> {
+pub struct TestDev<R = Mapping> {
     regs: R,
     base: u64,
 }
 
-impl TestDev<PhysMap> {
+impl TestDev<Mapping> {
     /// Maps the device page at guest physical `base` and checks its ID.
     pub fn open(base: u64) -> Result<TestDev, String> {
-        let regs = PhysMap::new(base, PAGE_LEN, Access::ReadWrite)?;
+        let regs = devmem::map(base, PAGE_LEN, Access::ReadWrite)?;
         TestDev::with_registers(regs, base)
     }
 

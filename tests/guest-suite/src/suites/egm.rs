@@ -26,11 +26,12 @@ use std::os::fd::AsFd;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::devmem::{self, Access, PhysMap};
+use crate::devmem::{self, Access};
 use crate::egm::{
-    self, ChildEnd, EgmRegion, Gpu, GpuExpect, Pipe, RawMap, Readiness, RetiredPage, RetiredTable,
-    Sharing, EGM_AUX_DRIVER, EGM_MODULE, EGM_RETIRED_PAGES_LIST, EGM_UNKNOWN_CMD, GPU_DRIVER,
+    self, ChildEnd, EgmRegion, Gpu, GpuExpect, Pipe, Readiness, RetiredPage, RetiredTable,
+    EGM_AUX_DRIVER, EGM_MODULE, EGM_RETIRED_PAGES_LIST, EGM_UNKNOWN_CMD, GPU_DRIVER,
 };
+use crate::mapping::{Mapping, Sharing};
 use gracevm_contract::findings::{self, Finding};
 use gracevm_contract::kernel_log::{self, Report as KernelReport};
 
@@ -309,7 +310,7 @@ fn expect_landed(
     checks: &mut Checks,
     dev: &TestDev,
     what: &str,
-    map: &RawMap,
+    map: &Mapping,
     offset: usize,
     gpa: u64,
     value: u64,
@@ -582,7 +583,7 @@ fn size_sysfs(ctx: &Context) -> Outcome {
 fn dirty_through_devmem(dev: &TestDev, region: &EgmRegion) -> Result<(), Outcome> {
     for offset in [0, region.size / 2, region.size - 8] {
         let gpa = region.base + offset;
-        let map = PhysMap::new(gpa, 8, Access::ReadWrite)
+        let map = devmem::map(gpa, 8, Access::ReadWrite)
             .map_err(|why| Outcome::fail(format!("5.3: {why}")))?;
         let value = marker(3, offset);
         map.write_u64(0, value);
@@ -728,7 +729,7 @@ fn open_exclusive(ctx: &Context) -> Outcome {
     }
     // Close with a mapping alive: the file stays open.
     let map = check!(
-        RawMap::new(first.as_fd(), page as u64, page, Sharing::Shared)
+        Mapping::raw(first.as_fd(), page as u64, page, Sharing::Shared)
             .map_err(io_fail("5.4: mmap of one page"))
     );
     let value = marker(4, page as u64 + 8);
@@ -785,7 +786,7 @@ fn use_second_open(fd: std::os::fd::BorrowedFd<'_>, page: usize) -> String {
         if egm::retired_pages_call(fd, EGM_RETIRED_PAGES_LIST, 8, 0).is_err() {
             code |= 1;
         }
-        match RawMap::new(fd, 0, page, Sharing::Shared) {
+        match Mapping::raw(fd, 0, page, Sharing::Shared) {
             Ok(map) => {
                 map.write_u64(0, marker(9, 0));
             }
@@ -827,7 +828,7 @@ fn mmap_whole(ctx: &Context) -> Outcome {
         let Ok(size) = usize::try_from(region.size) else {
             return Outcome::fail("region size beyond usize");
         };
-        let map = check!(RawMap::new(file.as_fd(), 0, size, Sharing::Shared)
+        let map = check!(Mapping::raw(file.as_fd(), 0, size, Sharing::Shared)
             .map_err(io_fail("5.5: mmap(len = egm size)")));
         // The region's PXM in every marker: a node wired to another region shows.
         let tag = 0x50 | (region.pxm & 0xf);
@@ -888,7 +889,7 @@ fn mmap_bounds(ctx: &Context) -> Outcome {
     let mut checks = Checks::new();
     let mut refused =
         |what: &str, offset: u64, len: usize, want: &[i32]| {
-            let result = RawMap::new(fd, offset, len, Sharing::Shared);
+            let result = Mapping::raw(fd, offset, len, Sharing::Shared);
             let ok = egm::errno(&result).is_some_and(|e| want.contains(&e));
             checks.expect(ok, || {
                 let extra = if result.is_ok()
@@ -952,7 +953,7 @@ fn mmap_bounds(ctx: &Context) -> Outcome {
             libc::ENOMEM,
         ),
     ] {
-        let result = RawMap::new(fd, offset, len, Sharing::Shared);
+        let result = Mapping::raw(fd, offset, len, Sharing::Shared);
         core.push(format!("{what}: {}", egm::result_name(&result)));
         if result.is_ok() {
             checks.fail(format!(
@@ -965,7 +966,7 @@ fn mmap_bounds(ctx: &Context) -> Outcome {
         "5.5 refused by the mm core before the driver: {}",
         core.join("; ")
     ));
-    match RawMap::new(fd, size - page as u64, page, Sharing::Shared) {
+    match Mapping::raw(fd, size - page as u64, page, Sharing::Shared) {
         Ok(last) => check!(expect_landed(
             &mut checks,
             &dev,
@@ -992,10 +993,9 @@ fn mmap_offset_alias(ctx: &Context) -> Outcome {
     let fd = file.as_fd();
     let alias = 1u64 << egm::OFFSET_SHIFT;
     let mut checks = Checks::new();
-    let low =
-        check!(RawMap::new(fd, 0, 2 * page, Sharing::Shared)
-            .map_err(io_fail("5.5: mmap of 2 pages at 0")));
-    let high = match RawMap::new(fd, alias, 2 * page, Sharing::Shared) {
+    let low = check!(Mapping::raw(fd, 0, 2 * page, Sharing::Shared)
+        .map_err(io_fail("5.5: mmap of 2 pages at 0")));
+    let high = match Mapping::raw(fd, alias, 2 * page, Sharing::Shared) {
         Ok(map) => map,
         Err(e) => {
             return Outcome::fail(format!(
@@ -1025,7 +1025,7 @@ fn mmap_offset_alias(ctx: &Context) -> Outcome {
         });
     }
     let far = (3 << egm::OFFSET_SHIFT) | page as u64;
-    match RawMap::new(fd, far, page, Sharing::Shared) {
+    match Mapping::raw(fd, far, page, Sharing::Shared) {
         Ok(map) => {
             let seen = map.read_u64(16);
             checks.expect(seen == y, || {
@@ -1037,7 +1037,7 @@ fn mmap_offset_alias(ctx: &Context) -> Outcome {
         )),
     }
     let top = alias + region.size - page as u64;
-    match RawMap::new(fd, top, page, Sharing::Shared) {
+    match Mapping::raw(fd, top, page, Sharing::Shared) {
         Ok(map) => check!(expect_landed(
             &mut checks,
             &dev,
@@ -1062,7 +1062,7 @@ fn mmap_private(ctx: &Context) -> Outcome {
     let dev = check!(testdev(ctx));
     let page = m.page;
     let file = check!(open(&region));
-    let map = match RawMap::new(file.as_fd(), page as u64, page, Sharing::Private) {
+    let map = match Mapping::raw(file.as_fd(), page as u64, page, Sharing::Private) {
         Ok(map) => map,
         Err(e) => {
             note(format!("5.5: MAP_PRIVATE refused: {e}"));
@@ -1095,7 +1095,7 @@ fn mmap_no_grow(ctx: &Context) -> Outcome {
     let dev = check!(testdev(ctx));
     let page = m.page;
     let file = check!(open(&region));
-    let mut map = check!(RawMap::new(file.as_fd(), 0, page, Sharing::Shared)
+    let mut map = check!(Mapping::raw(file.as_fd(), 0, page, Sharing::Shared)
         .map_err(io_fail("5.5: mmap of one page")));
     let mut checks = Checks::new();
     for may_move in [false, true] {
@@ -1297,7 +1297,7 @@ fn retired_pages_protocol(ctx: &Context) -> Outcome {
             egm::result_name(&unknown)
         )
     });
-    let no_access = check!(egm::NoAccessPage::new(m.page).map_err(io_fail("mmap PROT_NONE")));
+    let no_access = check!(Mapping::inaccessible(m.page).map_err(io_fail("mmap PROT_NONE")));
     for (cmd, what) in [
         (EGM_RETIRED_PAGES_LIST, "EGM_RETIRED_PAGES_LIST"),
         (EGM_UNKNOWN_CMD, "an unknown command"),
@@ -1693,7 +1693,7 @@ fn inject(
         if injector == Injector::Other && egm::set_mce_kill_early().is_err() {
             return 9;
         }
-        let Ok(map) = RawMap::new(fd, 0, len, Sharing::Shared) else {
+        let Ok(map) = Mapping::raw(fd, 0, len, Sharing::Shared) else {
             return 10;
         };
         if egm::catch_sigbus(map.addr() + at).is_err() {
@@ -2362,7 +2362,7 @@ fn poison_race(ctx: &Context) -> Outcome {
         if egm::set_mce_kill_early().is_err() || egm::ignore_sigbus().is_err() {
             return 9;
         }
-        let Ok(_map) = RawMap::new(fd, 0, region_len, Sharing::Shared) else {
+        let Ok(_map) = Mapping::raw(fd, 0, region_len, Sharing::Shared) else {
             return 10;
         };
         holder_ready.send(b'R');
@@ -2716,14 +2716,14 @@ fn detach_while_held(ctx: &Context, detach: Detach, hold: Hold) -> Outcome {
             // 'U': use the descriptor the driver's device is gone from: a new mapping of it
             // must not be granted ('M' granted, 'N' refused).
             if to_child.recv(Duration::from_secs(180)) == Some(b'U') {
-                let granted = RawMap::new(file.as_fd(), page, map_len, Sharing::Shared).is_ok();
+                let granted = Mapping::raw(file.as_fd(), page, map_len, Sharing::Shared).is_ok();
                 to_parent.send(if granted { b'M' } else { b'N' });
                 let _ = to_child.recv(Duration::from_secs(180));
             }
             drop(file);
             return 0;
         }
-        let Ok(map) = RawMap::new(file.as_fd(), page, map_len, Sharing::Shared) else {
+        let Ok(map) = Mapping::raw(file.as_fd(), page, map_len, Sharing::Shared) else {
             return 11;
         };
         map.write_u64(0, first);

@@ -11,7 +11,7 @@
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use crate::devmem::{self, Access, PhysMap};
+use crate::devmem::{self, Access};
 use crate::env::{BootMode, Carveout, CPUS, ENV_PATH, NUMA_NODES, SYSTEM_RAM};
 use crate::firmware::{self, ACPI_TABLES, DT_BASE, EFI_DIR};
 use crate::kconfig;
@@ -672,7 +672,7 @@ pub fn sample_windows(size: u64) -> Vec<(u64, u64)> {
 fn guest_pattern_check(c: &Carveout, checks: &mut Checks) {
     let mut words = 0;
     for (offset, len) in sample_windows(c.size) {
-        let map = match PhysMap::new(c.base + offset, len as usize, Access::Read) {
+        let map = match devmem::map(c.base + offset, len as usize, Access::Read) {
             Ok(map) => map,
             Err(why) => {
                 checks.fail(why);
@@ -792,7 +792,7 @@ fn write_seen_by_vmm(dev: &TestDev, c: &Carveout, checks: &mut Checks) {
     let gpa = c.base + offset;
     let pattern = c.pattern_word(offset);
     let value = distinctive_value(c, offset);
-    let map = match PhysMap::new(gpa, 8, Access::ReadWrite) {
+    let map = match devmem::map(gpa, 8, Access::ReadWrite) {
         Ok(map) => map,
         Err(why) => {
             checks.fail(why);
