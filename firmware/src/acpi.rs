@@ -642,7 +642,11 @@ mod tests {
         for n in ["GPU0", "GPU1", "GPU2", "PCI0", "_DSD", "_PRT"] {
             assert!(has(n.as_bytes()), "{n}");
         }
-        assert!(has(b"nvidia,egm-retired-pages-data-base\0"));
+        assert!(has(format!(
+            "{}\0",
+            crate::description::EGM_RETIRED_PAGES_DATA_BASE
+        )
+        .as_bytes()));
         // The GPU memory base is a 64-bit integer: QWordPrefix then the value.
         let mut q = vec![0x0e];
         q.extend_from_slice(&GPU_MEM_BASE.to_le_bytes());

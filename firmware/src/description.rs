@@ -741,7 +741,8 @@ mod tests {
 
     #[test]
     fn test_description_full_example_parses() {
-        let text = r#"
+        let text = &format!(
+            r#"
             vcpus = 4
             boot = "dt"
             [[socket]]
@@ -762,15 +763,16 @@ mod tests {
             device_id = 0x2342
             socket = 0
             mem_size = "2G"
-            readiness = { delay_ms = 1500 }
-            omit_properties = ["nvidia,egm-pxm"]
+            readiness = {{ delay_ms = 1500 }}
+            omit_properties = [{EGM_PXM:?}]
             [[gpu]]
             model = "gh200"
             socket = 1
             mem_size = "1G"
             readiness = "never"
             retired_pages_base = 0
-        "#;
+        "#
+        );
         let p = Platform::from_toml(text, "t").unwrap();
         assert_eq!(p.boot, BootMode::Dt);
         assert_eq!(p.gpus[1].pci_device_id(), 0x2342);

@@ -27,9 +27,17 @@ properties! {
     EGM_RETIRED_PAGES_DATA_BASE = "egm-retired-pages-data-base";
 }
 
+/// What every property name starts with.
+pub const PREFIX: &str = "nvidia,";
+
 /// The property `name` without `nvidia,`.
 pub fn short_name(name: &str) -> &str {
-    name.strip_prefix("nvidia,").unwrap_or(name)
+    name.strip_prefix(PREFIX).unwrap_or(name)
+}
+
+/// The full name of the property `short` (`egm-pxm`: `nvidia,egm-pxm`).
+pub fn full_name(short: &str) -> String {
+    format!("{PREFIX}{short}")
 }
 
 #[cfg(test)]
@@ -40,6 +48,7 @@ mod tests {
     fn test_full_and_short_names_agree() {
         assert_eq!(ALL.len(), 6);
         assert_eq!(GPU_MEM_BASE_PA, "nvidia,gpu-mem-base-pa");
+        assert_eq!(full_name(short::EGM_PXM), EGM_PXM);
         assert_eq!(
             short_name(EGM_RETIRED_PAGES_DATA_BASE),
             short::EGM_RETIRED_PAGES_DATA_BASE

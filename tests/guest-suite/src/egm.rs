@@ -23,6 +23,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gracevm_contract::env::TableRoom;
+use gracevm_contract::properties;
 
 use crate::env::{Carveout, GuestEnv, ENV_PATH};
 pub use crate::gpus::{DriverRules, Gpu, GpuMemory, Readiness};
@@ -221,7 +222,7 @@ impl fmt::Display for GpuExpect {
         match self {
             GpuExpect::NeverReady => f.write_str("never ready: probe times out"),
             GpuExpect::PlainVfio(why) => write!(f, "binds with plain vfio-pci ops ({why})"),
-            GpuExpect::NoEgm => f.write_str("binds, no EGM (no nvidia,egm-pxm)"),
+            GpuExpect::NoEgm => write!(f, "binds, no EGM (no {})", properties::EGM_PXM),
             GpuExpect::ProbeFails { why, .. } => write!(f, "probe fails ({why})"),
             GpuExpect::Egm(p) => write!(
                 f,
@@ -247,7 +248,7 @@ pub fn expect_gpu(gpu: &Gpu) -> GpuExpect {
         }
         GpuMemory::Regions { .. } => {}
     }
-    let missing = |name: &str| format!("no nvidia,{name}");
+    let missing = |name: &str| format!("no {}", properties::full_name(name));
     let Some(pxm) = gpu.prop(EGM_PXM) else {
         return GpuExpect::NoEgm;
     };
@@ -263,7 +264,7 @@ pub fn expect_gpu(gpu: &Gpu) -> GpuExpect {
     };
     if retired_base == 0 {
         return GpuExpect::ProbeFails {
-            why: "nvidia,egm-retired-pages-data-base is 0".into(),
+            why: format!("{} is 0", properties::EGM_RETIRED_PAGES_DATA_BASE),
             log: Some(RETIRED_NOT_SETUP),
         };
     }
@@ -368,9 +369,11 @@ pub fn expected_retired_pages(
     };
     if table.table != region.retired_base {
         return Err(format!(
-            "nvidia,egm-retired-pages-data-base is {:#x}, not the carve-out's table at {:#x}: \
+            "{} is {:#x}, not the carve-out's table at {:#x}: \
              what the driver reads there is unknown",
-            region.retired_base, table.table
+            properties::EGM_RETIRED_PAGES_DATA_BASE,
+            region.retired_base,
+            table.table
         ));
     }
     Ok(table.pages.clone())
@@ -1387,7 +1390,7 @@ mod tests {
         assert_eq!(
             expect_gpu(&zeroed(EGM_RETIRED_PAGES_DATA_BASE)),
             GpuExpect::ProbeFails {
-                why: "nvidia,egm-retired-pages-data-base is 0".into(),
+                why: format!("{} is 0", properties::EGM_RETIRED_PAGES_DATA_BASE),
                 log: Some(RETIRED_NOT_SETUP)
             }
         );

@@ -11,6 +11,7 @@ use std::fmt;
 
 pub use gracevm_contract::env::Gpu;
 pub use gracevm_contract::gpu::{Readiness, Style, POLL_TIMEOUT_MS};
+use gracevm_contract::properties;
 
 use crate::env::GuestEnv;
 use crate::outcome::Outcome;
@@ -148,14 +149,21 @@ impl DriverRules for Gpu {
     fn memory(&self) -> GpuMemory {
         let (base, size) = match (self.prop(PROP_MEM_BASE), self.prop(PROP_MEM_SIZE)) {
             (None, _) => {
-                return GpuMemory::Plain(format!("no nvidia,{PROP_MEM_BASE}: plain vfio-pci ops"))
+                return GpuMemory::Plain(format!(
+                    "no {}: plain vfio-pci ops",
+                    properties::GPU_MEM_BASE_PA
+                ))
             }
             (_, None) => {
-                return GpuMemory::Plain(format!("no nvidia,{PROP_MEM_SIZE}: plain vfio-pci ops"))
+                return GpuMemory::Plain(format!(
+                    "no {}: plain vfio-pci ops",
+                    properties::GPU_MEM_SIZE
+                ))
             }
             (Some(_), Some(0)) => {
                 return GpuMemory::Plain(format!(
-                    "nvidia,{PROP_MEM_SIZE} is 0 (C2C link down): plain vfio-pci ops"
+                    "{} is 0 (C2C link down): plain vfio-pci ops",
+                    properties::GPU_MEM_SIZE
                 ))
             }
             (Some(base), Some(size)) => (base, size),
@@ -271,11 +279,18 @@ fn egm_failure(gpu: &Gpu) -> Option<String> {
     gpu.prop(PROP_EGM_PXM)?;
     for name in [PROP_EGM_SIZE, PROP_EGM_BASE, PROP_EGM_RETIRED] {
         if gpu.prop(name).is_none() {
-            return Some(format!("EGM series: nvidia,{name} missing"));
+            return Some(format!(
+                "EGM series: {} missing",
+                properties::full_name(name)
+            ));
         }
     }
-    (gpu.prop(PROP_EGM_RETIRED) == Some(0))
-        .then(|| format!("EGM series: nvidia,{PROP_EGM_RETIRED} is 0"))
+    (gpu.prop(PROP_EGM_RETIRED) == Some(0)).then(|| {
+        format!(
+            "EGM series: {} is 0",
+            properties::EGM_RETIRED_PAGES_DATA_BASE
+        )
+    })
 }
 
 /// Parses `GRACEVM_GPUS` (empty text: no GPU).
@@ -422,9 +437,9 @@ mod tests {
             (
                 "gpu-mem-base-pa:0xd000000000,",
                 "",
-                "no nvidia,gpu-mem-base-pa",
+                properties::GPU_MEM_BASE_PA,
             ),
-            ("gpu-mem-size:0x40000000,", "", "no nvidia,gpu-mem-size"),
+            ("gpu-mem-size:0x40000000,", "", properties::GPU_MEM_SIZE),
             ("gpu-mem-size:0x40000000", "gpu-mem-size:0x0", "is 0"),
         ] {
             match with(GB200, from, to).memory() {

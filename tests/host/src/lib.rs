@@ -324,7 +324,7 @@ pub fn dsd_properties(dsl: &str) -> BTreeMap<String, Vec<(String, u64)>> {
         let Some(name) = line
             .strip_prefix('"')
             .and_then(|l| l.strip_suffix("\","))
-            .filter(|n| n.starts_with("nvidia,"))
+            .filter(|n| firmware::description::GPU_PROPERTIES.contains(n))
         else {
             continue;
         };

@@ -4,6 +4,9 @@
 
 use std::process::Command;
 
+use firmware::description::{
+    EGM_BASE_PA, EGM_PXM, EGM_RETIRED_PAGES_DATA_BASE, EGM_SIZE, GPU_MEM_BASE_PA, GPU_MEM_SIZE,
+};
 use firmware::layout::{self, GIB};
 use firmware::{BootMode, Platform};
 use host_tests::{dsd_properties, dsl_fields, iasl_disassemble, platform, tool, write};
@@ -165,13 +168,13 @@ fn test_dsdt_gpu_dsd_properties_and_values() {
         assert!(d.dsl.contains(&adr), "{dev} _ADR: want {adr}");
         let c = map.carve_out(g.socket).unwrap();
         let want = vec![
-            ("nvidia,gpu-mem-base-pa".to_string(), g.memory.base),
-            ("nvidia,gpu-mem-size".to_string(), g.memory.size),
-            ("nvidia,egm-pxm".to_string(), u64::from(c.pxm)),
-            ("nvidia,egm-base-pa".to_string(), c.range.base),
-            ("nvidia,egm-size".to_string(), c.range.size),
+            (GPU_MEM_BASE_PA.to_string(), g.memory.base),
+            (GPU_MEM_SIZE.to_string(), g.memory.size),
+            (EGM_PXM.to_string(), u64::from(c.pxm)),
+            (EGM_BASE_PA.to_string(), c.range.base),
+            (EGM_SIZE.to_string(), c.range.size),
             (
-                "nvidia,egm-retired-pages-data-base".to_string(),
+                EGM_RETIRED_PAGES_DATA_BASE.to_string(),
                 c.retired_pages_table,
             ),
         ];
@@ -186,7 +189,7 @@ fn test_dsdt_gpu_dsd_properties_and_values() {
 
 #[test]
 fn test_dsdt_fault_knobs_omit_and_zero_properties() {
-    let p = platform(
+    let p = platform(&format!(
         r#"
         [[socket]]
         ram = "1G"
@@ -194,11 +197,11 @@ fn test_dsdt_fault_knobs_omit_and_zero_properties() {
         size = "1G"
         [[gpu]]
         mem_size = "1G"
-        omit_properties = ["nvidia,egm-pxm", "nvidia,egm-size"]
-        zero_properties = ["nvidia,gpu-mem-size"]
+        omit_properties = [{EGM_PXM:?}, {EGM_SIZE:?}]
+        zero_properties = [{GPU_MEM_SIZE:?}]
         retired_pages_base = 0
-        "#,
-    );
+        "#
+    ));
     let w = write(&p);
     let d = iasl_disassemble(&w.path("DSDT.dat"));
     d.assert_clean();
@@ -207,10 +210,10 @@ fn test_dsdt_fault_knobs_omit_and_zero_properties() {
     assert_eq!(
         names,
         [
-            "nvidia,gpu-mem-base-pa",
-            "nvidia,gpu-mem-size",
-            "nvidia,egm-base-pa",
-            "nvidia,egm-retired-pages-data-base"
+            GPU_MEM_BASE_PA,
+            GPU_MEM_SIZE,
+            EGM_BASE_PA,
+            EGM_RETIRED_PAGES_DATA_BASE
         ]
     );
     assert_eq!(props[1].1, 0);

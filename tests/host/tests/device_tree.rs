@@ -1,6 +1,9 @@
 //! The DTB gracevm writes, decompiled by `dtc` (device-tree-compiler) and checked node by node,
 //! in both boot modes.
 
+use firmware::description::{
+    EGM_BASE_PA, EGM_PXM, EGM_RETIRED_PAGES_DATA_BASE, EGM_SIZE, GPU_MEM_BASE_PA, GPU_MEM_SIZE,
+};
 use firmware::layout::{self, GuestRange, GIB};
 use firmware::{BootMode, Platform};
 use host_tests::{dtc_decompile, platform, write, Decompiled};
@@ -108,7 +111,7 @@ fn test_dt_mode_nodes_of_the_default_platform() {
 
 #[test]
 fn test_dt_mode_pcie_host_and_gpu_nodes() {
-    let p = dt_mode(platform(
+    let p = dt_mode(platform(&format!(
         r#"
         [[socket]]
         ram = "1G"
@@ -120,10 +123,10 @@ fn test_dt_mode_pcie_host_and_gpu_nodes() {
         [[gpu]]
         model = "gb200"
         mem_size = "1G"
-        omit_properties = ["nvidia,egm-pxm"]
-        zero_properties = ["nvidia,gpu-mem-size"]
-        "#,
-    ));
+        omit_properties = [{EGM_PXM:?}]
+        zero_properties = [{GPU_MEM_SIZE:?}]
+        "#
+    )));
     let map = p.memory_map();
     let d = decompile(&p);
     let pcie = d.root.node("/pcie@3f000000");
@@ -165,29 +168,22 @@ fn test_dt_mode_pcie_host_and_gpu_nodes() {
     assert_eq!(gpu0.cells("reg"), [1 << 11, 0, 0, 0, 0]);
     assert_eq!(gpu0.strings("compatible"), ["pci10de,2941"]);
     for (name, want) in [
-        ("nvidia,gpu-mem-base-pa", map.gpus[0].memory.base),
-        ("nvidia,gpu-mem-size", GIB),
-        ("nvidia,egm-pxm", 4),
-        ("nvidia,egm-base-pa", c.range.base),
-        ("nvidia,egm-size", c.range.size),
-        ("nvidia,egm-retired-pages-data-base", c.retired_pages_table),
+        (GPU_MEM_BASE_PA, map.gpus[0].memory.base),
+        (GPU_MEM_SIZE, GIB),
+        (EGM_PXM, 4),
+        (EGM_BASE_PA, c.range.base),
+        (EGM_SIZE, c.range.size),
+        (EGM_RETIRED_PAGES_DATA_BASE, c.retired_pages_table),
     ] {
         // Two cells: an 8-byte property.
         assert_eq!(gpu0.u64s(name), [want], "{name}");
     }
     let gpu1 = pcie.node("gpu@2");
     assert_eq!(gpu1.cells("reg"), [2 << 11, 0, 0, 0, 0]);
-    assert!(!gpu1.props.contains_key("nvidia,egm-pxm"));
-    assert_eq!(gpu1.u64s("nvidia,gpu-mem-size"), [0]);
-    assert_eq!(
-        gpu1.u64s("nvidia,egm-base-pa"),
-        [c.range.base],
-        "shared EGM"
-    );
-    assert_eq!(
-        gpu1.u64s("nvidia,gpu-mem-base-pa"),
-        [map.gpus[1].memory.base]
-    );
+    assert!(!gpu1.props.contains_key(EGM_PXM));
+    assert_eq!(gpu1.u64s(GPU_MEM_SIZE), [0]);
+    assert_eq!(gpu1.u64s(EGM_BASE_PA), [c.range.base], "shared EGM");
+    assert_eq!(gpu1.u64s(GPU_MEM_BASE_PA), [map.gpus[1].memory.base]);
 }
 
 #[test]
