@@ -114,14 +114,8 @@ pub(super) fn poison_race(ctx: &Context) -> Outcome {
             egm::HARD_OFFLINE_PAGE
         ));
     }
-    let region = check!(m.openable());
-    check!(bring_up(&m, &region));
+    let (region, file, before) = check!(open_listed(&m, "[no-locking]"));
     let page = m.page as u64;
-    let file = check!(open(&region));
-    let before = match egm::list_retired_pages(file.as_fd()) {
-        Ok(list) => list,
-        Err(why) => return Outcome::fail(format!("[no-locking]: {why}")),
-    };
     // Pages in the last quarter of the region, clear of the ones already retired.
     let mut offsets = Vec::new();
     let mut offset = (region.size / 4 * 3) & !(page - 1);

@@ -3,12 +3,13 @@
 //! the test device ([`vmm_peek`], [`expect_landed`], ...).
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use gracevm_contract::kernel_log::Report as KernelReport;
 
 use crate::devmem;
-use crate::egm::{self, EgmRegion, Gpu, RetiredTable, GPU_DRIVER};
+use crate::egm::{self, EgmRegion, Gpu, RetiredPage, RetiredTable, GPU_DRIVER};
 use crate::env::Carveout;
 use crate::ktap::note;
 use crate::mapping::Mapping;
@@ -171,6 +172,20 @@ pub(super) fn ready_all(ctx: &Context) -> Result<(Machine, Vec<EgmRegion>), Outc
         bring_up(&m, region)?;
     }
     Ok((m, regions))
+}
+
+/// The first region that is exactly a carve-out, its GPUs bound, opened, and the retired pages
+/// it lists now (`label` prefixes a listing failure).
+pub(super) fn open_listed(
+    m: &Machine,
+    label: &str,
+) -> Result<(EgmRegion, File, Vec<RetiredPage>), Outcome> {
+    let region = m.openable()?;
+    bring_up(m, &region)?;
+    let file = open(&region)?;
+    let before = egm::list_retired_pages(file.as_fd())
+        .map_err(|why| Outcome::fail(format!("{label}: {why}")))?;
+    Ok((region, file, before))
 }
 
 pub(super) fn open(region: &EgmRegion) -> Result<File, Outcome> {

@@ -140,14 +140,8 @@ pub(super) fn poison(ctx: &Context) -> Outcome {
             egm::HARD_OFFLINE_PAGE
         ));
     }
-    let region = check!(m.openable());
-    check!(bring_up(&m, &region));
+    let (region, file, before) = check!(open_listed(&m, "5.10"));
     let page = m.page as u64;
-    let file = check!(open(&region));
-    let before = match egm::list_retired_pages(file.as_fd()) {
-        Ok(list) => list,
-        Err(why) => return Outcome::fail(format!("5.10: {why}")),
-    };
     let mut offset = (region.size / 2) & !(page - 1);
     while before.iter().any(|p| p.offset / page == offset / page) {
         offset += page;
