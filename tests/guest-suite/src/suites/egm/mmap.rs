@@ -1,7 +1,7 @@
 //! Spec section 3, `mmap` (matrix 5.5): the whole region, its bounds, offset bits from 40 up
 //! aliasing, MAP_PRIVATE, and no growth through mremap.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use gracevm_contract::findings;
 
@@ -133,9 +133,28 @@ pub(super) fn mmap_bounds(ctx: &Context) -> Outcome {
         page,
         &[libc::EINVAL],
     );
-    // The mm core refuses these before the driver's mmap runs (do_mmap: file_mmap_ok gives
-    // EOVERFLOW for an offset whose end wraps, a length beyond TASK_SIZE is ENOMEM): checked
-    // so a broken kernel shows, but not counted as driver checks.
+    check_mm_core(fd, page, &mut checks);
+    match Mapping::raw(fd, size - page as u64, page, Sharing::Shared) {
+        Ok(last) => check!(expect_landed(
+            &mut checks,
+            &dev,
+            "5.5: (size - page, 1 page)",
+            &last,
+            page - 8,
+            region.base + size - 8,
+            marker(6, size - 8)
+        )),
+        Err(e) => checks.fail(format!(
+            "5.5: one page at size - page: expected success, observed {e}"
+        )),
+    }
+    checks.outcome()
+}
+
+/// 5.5, refused by the mm core before the driver's mmap runs (do_mmap: file_mmap_ok gives
+/// EOVERFLOW for an offset whose end wraps, a length beyond TASK_SIZE is ENOMEM): checked so a
+/// broken kernel shows, but not counted as driver checks.
+fn check_mm_core(fd: BorrowedFd<'_>, page: usize, checks: &mut Checks) {
     let mut core = Vec::new();
     for (what, offset, len, want) in [
         (
@@ -164,21 +183,6 @@ pub(super) fn mmap_bounds(ctx: &Context) -> Outcome {
         "5.5 refused by the mm core before the driver: {}",
         core.join("; ")
     ));
-    match Mapping::raw(fd, size - page as u64, page, Sharing::Shared) {
-        Ok(last) => check!(expect_landed(
-            &mut checks,
-            &dev,
-            "5.5: (size - page, 1 page)",
-            &last,
-            page - 8,
-            region.base + size - 8,
-            marker(6, size - 8)
-        )),
-        Err(e) => checks.fail(format!(
-            "5.5: one page at size - page: expected success, observed {e}"
-        )),
-    }
-    checks.outcome()
 }
 
 /// 5.5: offset bits from 40 up are discarded: `1 << 40` maps what 0 maps, `(1 << 40) + x`
