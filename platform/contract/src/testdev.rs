@@ -19,7 +19,10 @@
 //! device lock, and device shutdown would wait on it forever): /init writes it instead.
 //!
 //! A command runs while the CMD write traps, so STATUS is final when the write returns. Every
-//! probed region was filled at boot with [`pattern_word`] in every u64.
+//! probed region holds [`pattern_word`] in every u64 until the guest writes it. The VMM may
+//! fill the carve-outs while the guest boots: a guest that is about to let anything write to
+//! them (opening /dev/egm zeroes a region) first runs [`Cmd::AwaitFill`]. The other commands
+//! wait for the fill themselves.
 
 /// Size of the register page.
 pub const WINDOW_LEN: u64 = 0x1000;
@@ -54,6 +57,8 @@ pub enum Cmd {
     CheckPattern = 2,
     /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
     CheckValue = 3,
+    /// Returns once every probed region holds its boot pattern (no operands).
+    AwaitFill = 4,
 }
 
 impl Cmd {
@@ -62,6 +67,7 @@ impl Cmd {
             1 => Some(Cmd::Peek),
             2 => Some(Cmd::CheckPattern),
             3 => Some(Cmd::CheckValue),
+            4 => Some(Cmd::AwaitFill),
             _ => None,
         }
     }
@@ -87,7 +93,12 @@ mod tests {
         for r in [BOOT, ID, ADDR, LEN, VAL, CMD, STATUS, WHERE, LAST, POWER] {
             assert!(r < WINDOW_LEN && r % ACCESS_SIZE as u64 == 0);
         }
-        for c in [Cmd::Peek, Cmd::CheckPattern, Cmd::CheckValue] {
+        for c in [
+            Cmd::Peek,
+            Cmd::CheckPattern,
+            Cmd::CheckValue,
+            Cmd::AwaitFill,
+        ] {
             assert_eq!(Cmd::from_raw(c as u32), Some(c));
         }
         assert_eq!(Cmd::from_raw(0), None);

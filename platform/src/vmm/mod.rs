@@ -136,7 +136,8 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     ranges.extend(map.gpus.iter().map(|g| (g.memory.base, g.memory.size)));
     ranges.sort_unstable();
     let mem = memory::create(&vm, &ranges)?;
-    let probe_regions = fill_observable(&mem, &map)?;
+    // A run that is not a test has no suite to wait for the fill: fill before the guest starts.
+    let (probe_regions, fill) = fill_observable(&mem, &map, !spec.interactive)?;
 
     let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
     let mpidrs = vcpus.iter().map(vcpu::mpidr).collect::<Result<Vec<_>>>()?;
@@ -216,9 +217,13 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         }),
         spec.console,
     )));
-    let testdev = Arc::new(Mutex::new(
-        TestDev::new(started).with_probe(probe_regions, Box::new(GuestProbe(mem.clone()))),
-    ));
+    let testdev = Arc::new(Mutex::new(TestDev::new(started).with_probe(
+        probe_regions,
+        Box::new(GuestProbe {
+            mem: mem.clone(),
+            fill: fill.gate(),
+        }),
+    )));
     let mut bus = MmioBus::new();
     bus.insert(layout::UART_BASE, layout::UART_SIZE, uart.clone())?;
     bus.insert(layout::TESTDEV_BASE, layout::TESTDEV_SIZE, testdev.clone())?;
@@ -264,6 +269,14 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         &spec.watch,
         &power_off,
     )?;
+    if let Some(took) = fill.took() {
+        info!(
+            "carve-out pattern fill took {:.1} ms",
+            took.as_secs_f64() * 1e3
+        );
+    }
+    // Stop the fill first: a vCPU waiting for it must not hold up the join.
+    drop(fill);
     stop_vcpus(&stop, threads);
 
     let boot_time = testdev
@@ -279,39 +292,54 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
 }
 
 /// Fill each carve-out with its boot pattern (so a test can tell "never written" from
-/// "zeroed" from "written by the guest") and list every range the guest may probe.
+/// "zeroed" from "written by the guest"), in the background unless told otherwise, and list
+/// every range the guest may probe.
 fn fill_observable(
     mem: &memory::GuestMemory,
     map: &firmware::MemoryMap,
-) -> Result<Vec<ProbeRegion>> {
-    let mut regions = Vec::new();
-    for c in &map.carve_outs {
-        let seed = guest::carveout_seed(c.pxm);
-        memory::fill_u64(mem, c.range.base, c.range.size, |off| {
-            pattern_word(seed, off)
-        })
-        .context("filling a carve-out with its boot pattern")?;
-        regions.push(ProbeRegion {
+    background: bool,
+) -> Result<(Vec<ProbeRegion>, memory::PatternFill)> {
+    let mut regions: Vec<ProbeRegion> = map
+        .carve_outs
+        .iter()
+        .map(|c| ProbeRegion {
             base: c.range.base,
             size: c.range.size,
-            seed,
-        });
-    }
+            seed: guest::carveout_seed(c.pxm),
+        })
+        .collect();
+    let jobs = regions
+        .iter()
+        .map(|r| memory::PatternJob {
+            base: r.base,
+            size: r.size,
+            seed: r.seed,
+        })
+        .collect();
+    let fill = memory::PatternFill::start(mem, jobs, pattern_word, background)
+        .context("filling the carve-outs with their boot pattern")?;
     // GPU memory starts zeroed, as fresh RAM does; it is probed with PEEK/CHECK_VALUE.
     regions.extend(map.gpus.iter().map(|g| ProbeRegion {
         base: g.memory.base,
         size: g.memory.size,
         seed: 0,
     }));
-    Ok(regions)
+    Ok((regions, fill))
 }
 
 /// The test device's view of guest memory: the VMM's own mappings.
-struct GuestProbe(memory::GuestMemory);
+struct GuestProbe {
+    mem: memory::GuestMemory,
+    fill: Arc<memory::FillGate>,
+}
 
 impl MemoryProbe for GuestProbe {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        self.0.read_slice(buf, GuestAddress(gpa)).is_ok()
+        self.mem.read_slice(buf, GuestAddress(gpa)).is_ok()
+    }
+
+    fn await_fill(&self) {
+        self.fill.wait();
     }
 }
 

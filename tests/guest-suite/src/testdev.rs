@@ -169,6 +169,15 @@ impl<R: Registers> TestDev<R> {
         })
     }
 
+    /// Returns once the VMM has put the boot pattern in every probed region (it may fill the
+    /// carve-outs while the guest boots).
+    pub fn await_fill(&self) -> Result<(), String> {
+        match self.command(Cmd::AwaitFill, 0, 0, 0)? {
+            Status::Ok => Ok(()),
+            other => Err(format!("AWAIT_FILL answered {other:?}")),
+        }
+    }
+
     /// The u64 the VMM sees at guest physical `gpa` (8-byte aligned).
     pub fn peek(&self, gpa: u64) -> Result<u64, String> {
         match self.command(Cmd::Peek, gpa, 8, 0)? {
