@@ -4,7 +4,7 @@
 #   make check           formatting, lint, unit and host tests (no kernel, no guest)
 #   make e2e             only the guests: SCENARIO=globs, TESTS=globs narrow it
 #   make run [CMD=...]   boot the default platform to a shell (or run CMD and power off)
-#   make bench           boot-to-userspace: gracevm vs qemu-system-aarch64 TCG
+#   make bench           the loop measured: boot ratio, VMM start, series and edit to verdict
 #   make fuzz            fuzz the device models (FUZZ_SECONDS per target, default 600)
 #   make kernel          build the guest kernel (Debian linux-source, or KSRC=/path/to/linux)
 #
@@ -126,7 +126,7 @@ GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 comma := ,
 SCENARIO_ARGS = $(if $(SCENARIO),$(foreach s,$(subst $(comma), ,$(SCENARIO)),--scenario '$(s)'),--all-scenarios)
 
-.PHONY: help check deps kernel default-kernel default-debug-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
+.PHONY: help check deps kernel default-kernel default-debug-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench bench-boot print-kver print-guest-kbuild clean
 
 help:
 	@sed -n '2,/^# Everything/p' Makefile | sed '$$d; s/^# \{0,1\}//'
@@ -185,10 +185,13 @@ ifneq ($(KERNEL),)
 	@test -f $(GUEST_IMAGE) || { echo "KERNEL=$(KERNEL): no such file (pass an arm64 Image)" >&2; exit 2; }
 else ifneq ($(KSRC),)
 	@test -f $(KSRC_ABS)/Makefile || { echo "KSRC=$(KSRC): not a kernel source tree" >&2; exit 2; }
+	@test "$(KSRC_ABS)" != "$(abspath $(CACHE)/src/linux-source-$(KVER))" || { echo "KSRC=$(KSRC) is gracevm's \
+	own source cache, whose checkout make switches: use PATCHES=, or a clone of it" >&2; exit 2; }
 	@echo "[kernel] building your tree $(KSRC_ABS)"
 	@guest-kernel/build.sh $(BUILD_FLAGS) $(KSRC_ABS) $(GUEST_KBUILD)
 else ifneq ($(PATCHES),)
-	@guest-kernel/kernel.sh $(CACHE) $(KVER) $(GUEST_KBUILD) --series $(PATCHES_ABS) $(BUILD_FLAGS) --seed $(SEED_KBUILD)
+	@$(if $(NO_NEAREST_SEED),GRACEVM_NEAREST_SEED=0) guest-kernel/kernel.sh $(CACHE) $(KVER) $(GUEST_KBUILD) \
+	    --series $(PATCHES_ABS) $(BUILD_FLAGS) $(if $(NO_SEED),,--seed $(SEED_KBUILD))
 endif
 
 # --- gracevm and the guest's userspace ----------------------------------------------------
@@ -249,8 +252,19 @@ check: host-test
 run: kernel initramfs
 	@$(WITH_MODULES) $(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)
 
+# The loop, phase by phase (tests/bench/loop.sh: BENCH_PHASES, PATCHES=, BENCH_FULL=1).
 bench: kernel initramfs
-	@$(HOST_VMM) bench --platform $(BENCH_PLATFORM) $(GUEST_ARGS) --out $(OUT)/bench
+	@CACHE=$(CACHE) tests/bench/loop.sh $(OUT)/bench $(BENCH_PHASES)
+
+# Boot to userspace only: gracevm against qemu-system-aarch64 TCG on the same Image.
+bench-boot: kernel initramfs
+	@$(HOST_VMM) bench --platform $(BENCH_PLATFORM) $(GUEST_ARGS) --out $(OUT)/boot
+
+print-kver:
+	@echo $(KVER)
+
+print-guest-kbuild:
+	@echo $(GUEST_KBUILD)
 
 clean:
 	cargo clean

@@ -20,9 +20,10 @@
 //!
 //! A command runs while the CMD write traps, so STATUS is final when the write returns. Every
 //! probed region holds [`pattern_word`] in every u64 until the guest writes it. The VMM may
-//! fill the carve-outs while the guest boots: a guest that is about to let anything write to
-//! them (opening /dev/egm zeroes a region) first runs [`Cmd::AwaitFill`]. The other commands
-//! wait for the fill themselves.
+//! fill the carve-outs while the guest boots: until it is done every command answers
+//! [`STATUS_BUSY`] at once (an MMIO access held for seconds would stall the guest's CPU), and a
+//! guest that is about to let anything write there (opening /dev/egm zeroes a region) first
+//! repeats [`Cmd::AwaitFill`] until it answers [`STATUS_OK`].
 
 /// Size of the register page.
 pub const WINDOW_LEN: u64 = 0x1000;
@@ -57,7 +58,7 @@ pub enum Cmd {
     CheckPattern = 2,
     /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
     CheckValue = 3,
-    /// Returns once every probed region holds its boot pattern (no operands).
+    /// [`STATUS_OK`] once every probed region holds its boot pattern (no operands).
     AwaitFill = 4,
 }
 
@@ -77,6 +78,8 @@ pub const STATUS_OK: u32 = 0;
 pub const STATUS_MISMATCH: u32 = 1;
 pub const STATUS_OUTSIDE: u32 = 2;
 pub const STATUS_BAD_REQUEST: u32 = 3;
+/// The boot-pattern fill is still running: ask again a little later.
+pub const STATUS_BUSY: u32 = 4;
 pub const STATUS_NONE: u32 = 0xffff_ffff;
 
 /// The boot-time fill of probed regions: the u64 at byte `offset` of a region with `seed`.

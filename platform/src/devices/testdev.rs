@@ -43,8 +43,8 @@ const NAME: &str = "testdev";
 // The register map, commands, status codes and boot pattern are the contract with the
 // in-guest suite: one definition, in gracevm-contract.
 pub use gracevm_contract::testdev::{
-    pattern_word, Cmd, BOOT_MAGIC, DEVICE_ID, STATUS_BAD_REQUEST, STATUS_MISMATCH, STATUS_NONE,
-    STATUS_OK, STATUS_OUTSIDE,
+    pattern_word, Cmd, BOOT_MAGIC, DEVICE_ID, STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_MISMATCH,
+    STATUS_NONE, STATUS_OK, STATUS_OUTSIDE,
 };
 use gracevm_contract::testdev::{
     ACCESS_SIZE, ADDR as PROBE_FIRST, BOOT, ID, LAST as PROBE_LAST, POWER, POWER_OFF_MAGIC,
@@ -64,8 +64,10 @@ pub trait MemoryProbe: Send {
     /// Read guest-physical `gpa..gpa+buf.len()` from the VMM's backing; false if unmapped.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
 
-    /// Block until the boot pattern is in place in every probed region (a fill may still run).
-    fn await_fill(&self) {}
+    /// Whether the boot pattern is in place in every probed region (a fill may still run).
+    fn filled(&self) -> bool {
+        true
+    }
 }
 
 /// A decoded register.
@@ -133,8 +135,10 @@ impl Probe {
         let Some(cmd) = Cmd::from_raw(raw) else {
             return STATUS_BAD_REQUEST;
         };
-        // Every command reads what the fill writes; the guest may also just ask to wait.
-        self.memory.await_fill();
+        // Every command reads what the fill writes; the guest may also just ask about it.
+        if !self.memory.filled() {
+            return STATUS_BUSY;
+        }
         let addr = self.get64(R_ADDR);
         let (len, want): (u64, Option<Expect>) = match cmd {
             Cmd::AwaitFill => return STATUS_OK,
@@ -512,38 +516,36 @@ mod tests {
         read32(dev, STATUS)
     }
 
-    /// Memory whose boot pattern only lands when someone waits for the fill.
-    struct LazyMemory(FakeMemory);
+    /// Memory whose fill has finished once the flag is set.
+    struct LazyMemory(FakeMemory, Arc<AtomicBool>);
 
     impl MemoryProbe for LazyMemory {
         fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
             self.0.read(gpa, buf)
         }
 
-        fn await_fill(&self) {
-            let mut mem = self.0 .0.lock().unwrap();
-            for (i, w) in mem.chunks_exact_mut(8).enumerate() {
-                w.copy_from_slice(&pattern_word(REGION.seed, i as u64 * 8).to_le_bytes());
-            }
+        fn filled(&self) -> bool {
+            self.1.load(std::sync::atomic::Ordering::Relaxed)
         }
     }
 
     #[test]
-    fn test_probe_commands_wait_for_the_fill() {
-        let zeroed = std::sync::Arc::new(std::sync::Mutex::new(vec![0u8; REGION.size as usize]));
-        let lazy = || Box::new(LazyMemory(FakeMemory(zeroed.clone())));
-        let mut dev = started_a_second_ago().with_probe(vec![REGION], lazy());
+    fn test_probe_commands_busy_until_the_fill_is_done() {
+        let (_, mem) = probed();
+        let done = Arc::new(AtomicBool::new(false));
+        let lazy = LazyMemory(FakeMemory(mem), done.clone());
+        let mut dev = started_a_second_ago().with_probe(vec![REGION], Box::new(lazy));
+        assert_eq!(probe(&mut dev, Cmd::AwaitFill, 0, 0, 0), STATUS_BUSY);
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size, 0),
+            STATUS_BUSY,
+            "no check reads a region being filled"
+        );
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(probe(&mut dev, Cmd::AwaitFill, 0, 0, 0), STATUS_OK);
         assert_eq!(
             probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size, 0),
             STATUS_OK
-        );
-        zeroed.lock().unwrap().fill(0);
-        let mut dev = started_a_second_ago().with_probe(vec![REGION], lazy());
-        assert_eq!(
-            probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size, 0),
-            STATUS_OK,
-            "a check reads only after the fill"
         );
     }
 

@@ -1,7 +1,7 @@
 //! Guest RAM: anonymous host mappings, one KVM memslot each.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -53,32 +53,27 @@ pub struct PatternJob {
     pub seed: u64,
 }
 
-/// Whether the fill has finished (or was abandoned because the run ended), and how to wait.
+/// Whether the fill has finished (or was abandoned because the run ended).
 #[derive(Debug, Default)]
 pub struct FillGate {
-    done: Mutex<bool>,
-    cv: Condvar,
+    done: AtomicBool,
     stop: AtomicBool,
 }
 
 impl FillGate {
-    /// Block until the fill is over.
-    pub fn wait(&self) {
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        while !*done {
-            done = self.cv.wait(done).unwrap_or_else(|p| p.into_inner());
-        }
+    /// Whether the fill is over.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
 
     fn open(&self) {
-        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.cv.notify_all();
+        self.done.store(true, Ordering::Release);
     }
 }
 
 /// The boot pattern of the carve-outs. Filling a 1 GiB carve-out takes seconds when the VMM
 /// itself runs under emulation, so by default it runs on a thread of its own beside the guest's
-/// boot; the guest waits for it (the test device's AwaitFill) before anything may write there.
+/// boot; the guest polls for it (the test device's AwaitFill) before anything may write there.
 /// Dropping it stops the thread and joins it.
 pub struct PatternFill {
     gate: Arc<FillGate>,
@@ -149,7 +144,7 @@ impl Drop for PatternFill {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // A vCPU still waiting must not wait for a fill that will never end.
+        // A guest still polling must not wait for a fill that will never end.
         self.gate.open();
     }
 }

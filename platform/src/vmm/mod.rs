@@ -275,7 +275,6 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
             took.as_secs_f64() * 1e3
         );
     }
-    // Stop the fill first: a vCPU waiting for it must not hold up the join.
     drop(fill);
     stop_vcpus(&stop, threads);
 
@@ -338,8 +337,8 @@ impl MemoryProbe for GuestProbe {
         self.mem.read_slice(buf, GuestAddress(gpa)).is_ok()
     }
 
-    fn await_fill(&self) {
-        self.fill.wait();
+    fn filled(&self) -> bool {
+        self.fill.is_done()
     }
 }
 
