@@ -22,6 +22,9 @@ use vmm_sys_util::tempdir::TempDir;
 use crate::initramfs::{shell_quote, Archive};
 use crate::machine::Watch;
 
+mod job;
+pub use job::{level1_memory_for, level1_memory_mib, run_status, InnerGuest, INNER_OUT};
+
 const LEVEL1_INIT: &str = include_str!("level1-init.sh");
 
 /// What the nested route runs on.
