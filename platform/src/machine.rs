@@ -9,6 +9,7 @@ use std::time::Duration;
 use firmware::Platform;
 
 use crate::exit::Status;
+use crate::vcpu_exit::GuestEvent;
 
 /// Flags raised outside the VMM's event loop that end a run.
 #[derive(Default)]
@@ -45,6 +46,9 @@ pub enum GuestEnd {
     Crash,
     /// A kernel panic seen on the console.
     Panic,
+    /// The guest did something no machine can serve (an MMIO access without a syndrome, a
+    /// hypervisor call nobody answers): a crash of the guest, not of gracevm.
+    Fault(String),
     Timeout,
     /// Ctrl-C, SIGTERM or the console escape.
     Interrupted,
@@ -60,6 +64,7 @@ impl GuestEnd {
             }
             GuestEnd::Crash => "guest crashed (PSCI/KVM crash event)".into(),
             GuestEnd::Panic => "guest kernel panic".into(),
+            GuestEnd::Fault(m) => format!("guest fault: {m}"),
             GuestEnd::Timeout => "guest timed out".into(),
             GuestEnd::Interrupted => "run interrupted".into(),
             GuestEnd::VmmFailure(m) => format!("VMM failure: {m}"),
@@ -71,7 +76,7 @@ impl GuestEnd {
     pub fn status(&self) -> Status {
         match self {
             GuestEnd::PowerOff | GuestEnd::Reset => Status::Pass,
-            GuestEnd::Panic | GuestEnd::Crash => Status::Panic,
+            GuestEnd::Panic | GuestEnd::Crash | GuestEnd::Fault(_) => Status::Panic,
             GuestEnd::Timeout => Status::Timeout,
             GuestEnd::Interrupted => Status::Interrupted,
             GuestEnd::VmmFailure(_) => Status::VmmError,
@@ -85,9 +90,22 @@ impl GuestEnd {
             GuestEnd::Reset => "reset",
             GuestEnd::Crash => "crash",
             GuestEnd::Panic => "panic",
+            GuestEnd::Fault(_) => "guest-fault",
             GuestEnd::Timeout => "timeout",
             GuestEnd::Interrupted => "interrupted",
             GuestEnd::VmmFailure(_) => "vmm-failure",
+        }
+    }
+}
+
+impl From<GuestEvent> for GuestEnd {
+    fn from(ev: GuestEvent) -> Self {
+        match ev {
+            GuestEvent::PowerOff => GuestEnd::PowerOff,
+            GuestEvent::Reset => GuestEnd::Reset,
+            GuestEvent::Crash => GuestEnd::Crash,
+            GuestEvent::Fault(m) => GuestEnd::Fault(m),
+            GuestEvent::VcpuFailed(m) => GuestEnd::VmmFailure(m),
         }
     }
 }

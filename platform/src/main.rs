@@ -27,6 +27,7 @@ use resolve::Resolved;
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    exit::exit_on_panic();
     let watch = Arc::new(Watch::default());
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // The handler only raises the flag; every wait loop polls it.
