@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use firmware::Platform;
+use firmware::Resolved;
 
 use crate::exit::Status;
 use crate::vcpu_exit::GuestEvent;
@@ -22,7 +22,8 @@ pub struct Watch {
 
 /// Everything the KVM machine needs to boot one guest.
 pub struct MachineSpec {
-    pub platform: Platform,
+    /// The platform, resolved once: description and memory map.
+    pub platform: Resolved,
     pub kernel: PathBuf,
     /// The whole initrd: the base initramfs with gracevm's own archive appended.
     pub initrd: Vec<u8>,

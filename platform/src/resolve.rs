@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use log::info;
 
-use firmware::Platform;
+use firmware::{Platform, Resolved as ResolvedPlatform};
 use gracevm::guest::TestRequest;
 use gracevm::modules::{ModuleTree, Modules};
 use gracevm::nested::{self, InnerGuest, Level1, Stage};
@@ -18,7 +18,8 @@ use crate::cli::{usage, GuestArgs, Route, Usage};
 /// The guest arguments checked and resolved: nothing boots until all of this holds.
 pub(crate) struct Resolved {
     pub args: GuestArgs,
-    pub platform: Platform,
+    /// The platform resolved once (description and memory map), for everything downstream.
+    pub platform: ResolvedPlatform,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub modules: Option<Modules>,
@@ -55,7 +56,7 @@ impl Resolved {
 
     /// The same guest on another description (a scenario): what the files resolved to (kernel,
     /// initrd, the packed module tree) is kept, not read again.
-    fn with_platform(&self, args: GuestArgs, platform: Platform) -> Resolved {
+    fn with_platform(&self, args: GuestArgs, platform: ResolvedPlatform) -> Resolved {
         Resolved {
             args,
             platform,
@@ -148,7 +149,7 @@ impl Resolved {
 
     /// Memory for the level-1 machine that runs this guest.
     pub fn level1_memory_mib(&self) -> u64 {
-        nested::level1_memory_mib(&self.platform.memory_map())
+        nested::level1_memory_mib(self.platform.map())
     }
 }
 
@@ -201,8 +202,8 @@ fn nested_route(route: Route) -> Result<bool> {
 }
 
 /// The guest's platform: its description (or the default) with the command line's overrides,
-/// validated.
-fn platform_for(a: &GuestArgs) -> Result<Platform> {
+/// resolved.
+fn platform_for(a: &GuestArgs) -> Result<ResolvedPlatform> {
     let mut platform = load_platform(a.platform.as_deref())?;
     if let Some(c) = a.cpus {
         platform.vcpus = c;
@@ -210,10 +211,9 @@ fn platform_for(a: &GuestArgs) -> Result<Platform> {
     if let Some(m) = a.memory {
         platform.sockets[0].ram = m;
     }
-    platform
-        .validate()
-        .map_err(|e| Usage(format!("platform: {e}")))?;
-    Ok(platform)
+    Ok(platform
+        .resolve()
+        .map_err(|e| Usage(format!("platform: {e}")))?)
 }
 
 /// A platform description from a file, or the built-in Grace-like default.

@@ -13,7 +13,7 @@ pub fn write(platform: Option<&Path>, cpus: Option<u32>, out: &Path) -> Result<i
     if let Some(c) = cpus {
         p.vcpus = c;
     }
-    p.validate().map_err(|e| Usage(format!("platform: {e}")))?;
+    let p = p.resolve().map_err(|e| Usage(format!("platform: {e}")))?;
     create_out(out)?;
     let boot = firmware::BootParams {
         cmdline: gracevm::guest::cmdline(""),

@@ -30,7 +30,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use firmware::layout::{self, MIB};
-use firmware::{BootParams, MemoryMap, Platform};
+use firmware::{BootParams, MemoryMap, Resolved};
 
 use crate::devices::pl011::Pl011;
 use crate::devices::testdev::{pattern_word, MemoryProbe, ProbeRegion, TestDev};
@@ -93,9 +93,9 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let started = Instant::now();
     let platform = &spec.platform;
     let vm = Arc::new(create_vm(platform)?);
-    let map = platform.memory_map();
-    let mem = memory::create(&vm, &memory_ranges(&map))?;
-    let probe_regions = fill_observable(&mem, &map)?;
+    let map = platform.map();
+    let mem = memory::create(&vm, &memory_ranges(map))?;
+    let probe_regions = fill_observable(&mem, map)?;
     let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
     let _gic = gic::Gic::create(&vm)?;
     load_guest(&mem, &spec, &vcpus)?;
@@ -106,7 +106,7 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         tx,
         wake: wake.clone(),
     };
-    let devices = Devices::create(&vm, &mem, &map, spec.console, probe_regions, started)?;
+    let devices = Devices::create(&vm, &mem, map, spec.console, probe_regions, started)?;
     let vmm_ready = started.elapsed();
     let running = RunningVm::start(vm, mem, vcpus, devices.bus.clone(), &events)?;
     info!(
@@ -133,7 +133,7 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
 }
 
 /// The VM, with the guest physical address size the platform needs.
-fn create_vm(platform: &Platform) -> Result<VmFd> {
+fn create_vm(platform: &Resolved) -> Result<VmFd> {
     let kvm = open_kvm()?;
     let limit = kvm.get_host_ipa_limit();
     let vm_type = if limit > 0 {
@@ -226,7 +226,7 @@ fn rng_seed() -> Result<[u8; 32]> {
 /// The firmware blob, isolated retired-pages tables and the DTB, where the layout puts them.
 fn write_firmware(
     mem: &memory::GuestMemory,
-    platform: &Platform,
+    platform: &Resolved,
     boot: &BootParams,
     dtb_addr: u64,
 ) -> Result<()> {
