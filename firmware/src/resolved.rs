@@ -6,10 +6,11 @@
 use std::ops::Deref;
 
 use crate::description::Platform;
-use crate::layout::{self, GpuFunction, MemoryMap};
+use crate::layout::{self, MemoryMap};
 
 /// A validated [`Platform`] with its [`MemoryMap`]. Derefs to the description, whose fields
-/// (vCPUs, boot mode, the GPUs' fault knobs) stay what the user wrote.
+/// (vCPUs, boot mode, the GPUs' fault knobs) stay what the user wrote; a GPU function's
+/// properties with its knobs applied are [`crate::gpu_properties`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
     platform: Platform,
@@ -30,14 +31,6 @@ impl Resolved {
     /// Where everything is.
     pub fn map(&self) -> &MemoryMap {
         &self.map
-    }
-
-    /// Each GPU function with its firmware properties, fault knobs applied.
-    pub fn gpus(&self) -> impl Iterator<Item = (&GpuFunction, Vec<(&'static str, u64)>)> {
-        self.map
-            .gpus
-            .iter()
-            .map(|g| (g, crate::gpu_properties(self, g)))
     }
 
     /// Guest physical address bits the platform needs (at least 32): everything it places,
