@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use firmware::layout;
-use firmware::Platform;
+use firmware::{Platform, Resolved};
 
 use crate::initramfs::{shell_quote, Archive};
 use crate::modules::Modules;
@@ -57,7 +57,7 @@ pub fn cmdline(extra: &str) -> String {
 }
 
 /// The `/gracevm/env` file.
-pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> String {
+pub fn env_file(platform: &Resolved, mode: &Mode, modules: Option<&Modules>) -> String {
     let mut env = String::new();
     let mut put = |k: &str, v: String| env.push_str(&format!("GRACEVM_{k}={v}\n"));
     put(
@@ -103,8 +103,8 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
     put("CPUS", platform.vcpus.to_string());
     put("SYSTEM_RAM", platform.system_ram().to_string());
     put("BOOT_MODE", platform.boot.to_string());
-    let map = platform.memory_map();
-    put("NUMA_NODES", memory_nodes(platform, &map));
+    let map = platform.map();
+    put("NUMA_NODES", memory_nodes(platform, map));
     let carve_outs: Vec<String> = map
         .carve_outs
         .iter()
@@ -136,11 +136,7 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
         .map(|c| format!("{}:{}", c.pxm, c.table_room()))
         .collect();
     put("EGM_TABLE_ROOM", shell_quote(&room.join(" ")));
-    let gpus: Vec<String> = map
-        .gpus
-        .iter()
-        .map(|g| gpu_entry(platform, &map, g))
-        .collect();
+    let gpus: Vec<String> = map.gpus.iter().map(|g| gpu_entry(platform, g)).collect();
     put("GPUS", shell_quote(&gpus.join(" ")));
     env
 }
@@ -149,7 +145,7 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
 /// firmware node carries (fault knobs applied), so the suite can apply the driver's rules:
 /// `bdf=0000:00:01.0;id=10de:2941;style=blackwell;readiness=ready;mem=0xd000000000+0x40000000;
 /// props=gpu-mem-base-pa:0xd000000000,gpu-mem-size:0x40000000,...`
-fn gpu_entry(platform: &Platform, map: &firmware::MemoryMap, g: &firmware::GpuFunction) -> String {
+fn gpu_entry(platform: &Resolved, g: &firmware::GpuFunction) -> String {
     let style = if crate::board::gpu_config(g).blackwell_dvsec {
         "blackwell"
     } else {
@@ -160,7 +156,7 @@ fn gpu_entry(platform: &Platform, map: &firmware::MemoryMap, g: &firmware::GpuFu
         firmware::Readiness::DelayMs(ms) => format!("delay:{ms}"),
         firmware::Readiness::Never => "never".to_string(),
     };
-    let props: Vec<String> = firmware::gpu_properties(platform, map, g)
+    let props: Vec<String> = firmware::gpu_properties(platform, g)
         .into_iter()
         .map(|(name, v)| format!("{}:{v:#x}", gracevm_contract::properties::short_name(name)))
         .collect();
@@ -231,7 +227,7 @@ fn kernel_list(ids: &[usize]) -> String {
 /// The user's initrd followed by gracevm's archive and the kernel's module tree.
 pub fn initrd(
     base: &Path,
-    platform: &Platform,
+    platform: &Resolved,
     mode: &Mode,
     modules: Option<&Modules>,
 ) -> Result<Vec<u8>> {
@@ -266,7 +262,9 @@ mod tests {
         let p = Platform {
             vcpus: 3,
             ..Platform::default()
-        };
+        }
+        .resolve()
+        .unwrap();
         let env = env_file(&p, &Mode::Run("echo 'hi'".into()), None);
         assert!(!env.contains("GRACEVM_MODPROBE"), "{env}");
         assert!(env.contains("GRACEVM_MODE=run\n"));
@@ -323,7 +321,7 @@ mod tests {
             },
             load: vec!["nvgrace-egm".into(), "nvgrace-gpu-vfio-pci".into()],
         };
-        let p = Platform::default();
+        let p = Platform::default().resolve().unwrap();
         let env = env_file(&p, &Mode::Test(TestRequest::default()), Some(&m));
         assert!(env.contains("GRACEVM_MODULES_RELEASE='7.3.4'\n"), "{env}");
         assert!(
@@ -348,7 +346,7 @@ mod tests {
                 text += &format!("[[gpu]]\nsocket = {s}\nmem_size = \"1G\"\n");
             }
             let p = Platform::from_toml(&text, "t").unwrap();
-            memory_nodes(&p, &p.memory_map())
+            memory_nodes(&p, p.resolve().unwrap().map())
         };
         // A CPU on every socket: nodes 0-3. Two CPUs: sockets 2 and 3 come after the 4 GPUs.
         assert_eq!(four(4), "0-3");
