@@ -101,11 +101,9 @@ RUSTUP_TARGET := $(shell rustup target list --installed 2>/dev/null | grep -qx $
 ifeq ($(RUSTUP_TARGET),yes)
 AARCH64_CARGO  := cargo
 AARCH64_CLIPPY := cargo clippy
-CROSS_PKGS     := gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 else
 AARCH64_CARGO  := RUSTC=/usr/bin/rustc cargo
 AARCH64_CLIPPY := RUSTC=/usr/bin/rustc /usr/bin/cargo-clippy clippy
-CROSS_PKGS     := rustc-web rust-web-clippy libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 endif
 AARCH64_FLAGS := --target $(TARGET) --target-dir target/cross
 AARCH64_DIR   := target/cross/$(TARGET)/release
@@ -132,40 +130,13 @@ help:
 	@sed -n '2,/^# Everything/p' Makefile | sed '$$d; s/^# \{0,1\}//'
 
 # --- host packages ------------------------------------------------------------------------
-ifeq ($(HOST_ARCH),aarch64)
-APT_PKGS := gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler acpica-tools kmod
-else
-APT_PKGS := $(CROSS_PKGS) qemu-system-arm gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils \
-            device-tree-compiler acpica-tools kmod
-endif
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-
+# apt on Debian 12+ and Ubuntu; elsewhere (or without a Rust route to aarch64) it stops saying
+# what to install. `tools/deps.sh --dry-run` prints the plan.
 deps:
-	@have=$$(dpkg-query -W -f='$${db:Status-Status}\n' $(APT_PKGS) 2>/dev/null | grep -c '^installed$$' || true); \
-	 if [ "$$have" -lt "$(words $(APT_PKGS))" ]; then \
-	    echo "[deps] installing host packages: $(APT_PKGS)"; \
-	    if [ "$(HOST_ARCH)" != aarch64 ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then \
-	        $(SUDO) dpkg --add-architecture arm64; fi; \
-	    $(SUDO) apt-get -q update >/dev/null 2>&1 || echo "[deps] apt-get update reported errors (a missing mirror?)"; \
-	    missing=; for p in $(APT_PKGS); do \
-	        apt-cache policy "$$p" 2>/dev/null | grep -q 'Candidate: [0-9]' || missing="$$missing $$p"; done; \
-	    if [ -n "$$missing" ]; then \
-	        echo "deps: apt has no candidate for:$$missing." >&2; \
-	        echo "  gracevm cross-builds its aarch64 parts with Debian 12's rustc-web and arm64 std, and takes" >&2; \
-	        echo "  arm64 packages (busybox-static:arm64) from the distribution. Either install the Rust target" >&2; \
-	        echo "  with 'rustup target add $(TARGET)' (then rustc-web is not needed), or, on Ubuntu, add" >&2; \
-	        echo "  its ubuntu-ports mirror for arm64 ('[arch=arm64]' entries, '[arch=amd64]' on the others)." >&2; \
-	        exit 2; \
-	    fi; \
-	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q install -y --no-install-recommends $(APT_PKGS) >/dev/null; \
-	 fi
-	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 2; }
+	@tools/deps.sh
 
 $(BUSYBOX):
-	@echo "[deps] fetching Debian's busybox-static:arm64 into $(CACHE)/busybox"
-	@tmp=$$(mktemp -d); cd $$tmp && apt-get -q -o APT::Sandbox::User=root download busybox-static:arm64 >/dev/null && \
-	    dpkg-deb -x busybox-static_*_arm64.deb x && mkdir -p $(CACHE)/busybox/bin && \
-	    cp x/bin/busybox $(BUSYBOX) && rm -rf $$tmp
+	@CACHE=$(CACHE) tools/deps.sh busybox $(BUSYBOX)
 
 # --- kernels ------------------------------------------------------------------------------
 default-kernel: deps
@@ -226,6 +197,8 @@ host-test: deps lint
 	@cargo test -q --workspace
 	@echo "[test] patch-series application (PATCHES=)"
 	@tests/e2e/apply-patches.sh
+	@echo "[test] host package plans (tools/deps.sh: Debian, Ubuntu, aarch64, others)"
+	@tests/host/deps-plan.sh
 
 e2e: kernel initramfs
 	@echo "[test] end to end: booting $(GUEST_IMAGE)"
