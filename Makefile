@@ -120,6 +120,8 @@ export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
 # What the kernel build recorded (for kcidb.json); a ready KERNEL= has none.
 export GRACEVM_BUILD_INFO := $(if $(KERNEL),,$(GUEST_KBUILD)/gracevm-build.json)
 
+# kcidb-io goes into the cache (a distribution's Python refuses system-wide pip installs).
+PY_CACHE = PYTHONPATH=$(CACHE)/python$${PYTHONPATH:+:$$PYTHONPATH}
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 comma := ,
 SCENARIO_ARGS = $(if $(SCENARIO),$(foreach s,$(subst $(comma), ,$(SCENARIO)),--scenario '$(s)'),--all-scenarios)
@@ -205,9 +207,9 @@ e2e: kernel initramfs
 	@$(SET_EXPECT) $(WITH_MODULES) $(HOST_VMM) test $(SCENARIO_ARGS) $(if $(TESTS),--tests '$(TESTS)',) \
 	    --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
 	@echo "[test] KCIDB report: $(OUT)/kcidb.json against the schema (kcidb-io)"
-	@python3 -c 'import kcidb_io' 2>/dev/null || { echo "[deps] installing kcidb-io (PyPI)"; \
-	    python3 -m pip install -q --root-user-action=ignore kcidb-io >/dev/null; }
-	@tests/host/kcidb-validate.py $(OUT)/kcidb.json
+	@$(PY_CACHE) python3 -c 'import kcidb_io' 2>/dev/null || { echo "[deps] installing kcidb-io (PyPI) into $(CACHE)/python"; \
+	    python3 -m pip install -q --root-user-action=ignore --target $(CACHE)/python kcidb-io >/dev/null; }
+	@$(PY_CACHE) tests/host/kcidb-validate.py $(OUT)/kcidb.json
 ifeq ($(SCENARIO)$(TESTS),)
 	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status

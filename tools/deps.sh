@@ -79,10 +79,10 @@ busybox() {
 }
 
 # --- the plan -------------------------------------------------------------------------------
-# The kernel build tools, and the keyring of Debian's archive (the kernel source and the
-# busybox come from there, also on Ubuntu).
+# The kernel build tools, pip (kcidb-io, for the KCIDB check), and the keyring of Debian's
+# archive (the kernel source and the busybox come from there, also on Ubuntu).
 BUILD_PKGS=(gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler
-            acpica-tools kmod debian-archive-keyring)
+            acpica-tools kmod debian-archive-keyring python3-pip)
 RUSTUP_HINT="install Rust with rustup (https://rustup.rs)"
 [ "$HOST_ARCH" = aarch64 ] || RUSTUP_HINT+=", then: rustup target add $TARGET"
 
