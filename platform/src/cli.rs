@@ -150,6 +150,10 @@ pub struct GuestArgs {
     /// Extra kernel command-line arguments.
     #[arg(long, default_value = "")]
     pub append: String,
+    /// Fill the carve-outs with their boot pattern before the first vCPU runs rather than
+    /// beside the boot: the before-state `make bench` times.
+    #[arg(long, hide = true)]
+    pub eager_fill: bool,
     /// Kill the guest after this many seconds (default: 300 for test, none for run).
     #[arg(long)]
     pub timeout: Option<u64>,

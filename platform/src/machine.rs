@@ -32,6 +32,9 @@ pub struct MachineSpec {
     pub console: Box<dyn Write + Send>,
     /// Feed host stdin to the UART.
     pub interactive: bool,
+    /// Fill the carve-outs before the guest starts (always so when interactive: no suite
+    /// waits for a background fill there).
+    pub eager_fill: bool,
     pub timeout: Option<Duration>,
     pub watch: Arc<Watch>,
 }

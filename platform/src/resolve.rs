@@ -132,6 +132,7 @@ impl Resolved {
             vcpus: self.platform.vcpus,
             boot_ram: self.platform.boot_ram(),
             append: &self.args.append,
+            eager_fill: self.args.eager_fill,
             request: self.request(),
             timeout,
         }

@@ -53,6 +53,7 @@ pub fn boot_direct(g: &Resolved, b: DirectBoot<'_>) -> Result<RunReport> {
         cmdline: guest::cmdline(&g.args.append),
         console: b.console,
         interactive: b.interactive,
+        eager_fill: g.args.eager_fill,
         timeout: b.timeout,
         watch: b.watch,
     };

@@ -25,6 +25,7 @@ pub struct InnerGuest<'a> {
     /// RAM of socket 0, in bytes.
     pub boot_ram: u64,
     pub append: &'a str,
+    pub eager_fill: bool,
     pub request: TestRequest,
     pub timeout: Option<Duration>,
 }
@@ -50,6 +51,9 @@ impl InnerGuest<'_> {
         v.extend(["--memory".into(), self.boot_ram.to_string()]);
         if !self.append.is_empty() {
             v.extend(["--append".into(), self.append.to_string()]);
+        }
+        if self.eager_fill {
+            v.push("--eager-fill".into());
         }
         let request = &self.request;
         if !request.expect.is_empty() {

@@ -95,8 +95,8 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let vm = Arc::new(create_vm(platform)?);
     let map = platform.map();
     let mem = memory::create(&vm, &memory_ranges(map))?;
-    // A run that is not a test has no suite to wait for the fill: fill before the guest starts.
-    let (probe_regions, fill) = fill_observable(&mem, map, !spec.interactive)?;
+    let background = !spec.interactive && !spec.eager_fill;
+    let (probe_regions, fill) = fill_observable(&mem, map, background)?;
     let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
     let _gic = gic::Gic::create(&vm)?;
     load_guest(&mem, &spec, &vcpus)?;
