@@ -122,6 +122,8 @@ export GRACEVM_BUILD_INFO := $(if $(KERNEL),,$(GUEST_KBUILD)/gracevm-build.json)
 
 # kcidb-io goes into the cache (a distribution's Python refuses system-wide pip installs).
 PY_CACHE = PYTHONPATH=$(CACHE)/python$${PYTHONPATH:+:$$PYTHONPATH}
+# What `deps` installs: everything, or (make check) only what the host tests need.
+DEPS_FOR ?= all
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 comma := ,
 SCENARIO_ARGS = $(if $(SCENARIO),$(foreach s,$(subst $(comma), ,$(SCENARIO)),--scenario '$(s)'),--all-scenarios)
@@ -135,7 +137,7 @@ help:
 # apt on Debian 12+ and Ubuntu; elsewhere (or without a Rust route to aarch64) it stops saying
 # what to install. `tools/deps.sh --dry-run` prints the plan.
 deps:
-	@tools/deps.sh
+	@tools/deps.sh --for $(DEPS_FOR)
 
 $(BUSYBOX):
 	@CACHE=$(CACHE) tools/deps.sh busybox $(BUSYBOX)
@@ -226,7 +228,9 @@ fuzz: deps
 
 test: host-test fuzz-smoke debug-config e2e
 
-# The quick loop without a kernel: formatting, lint, unit and host tests.
+# The quick loop without a kernel: formatting, lint, unit and host tests; a cold machine gets
+# only the packages these need.
+check: DEPS_FOR := check
 check: host-test
 
 run: kernel initramfs

@@ -5,6 +5,9 @@
 #
 #   deps.sh             install what is missing (apt-get through sudo unless root)
 #   deps.sh --dry-run   print the plan (distribution, Rust route, packages) and change nothing
+#   deps.sh --for check [--dry-run]   only what `make check` needs: no kernel build tools, no
+#                       qemu, no cross linker (dtc and iasl for the firmware tests, and the
+#                       aarch64 std for the cross clippy)
 #   deps.sh busybox OUT fetch Debian's static arm64 busybox to OUT
 #
 # The aarch64 parts (the level-1 gracevm, the guest suite) are cross-built on x86_64 hosts:
@@ -83,6 +86,8 @@ busybox() {
 # archive (the kernel source and the busybox come from there, also on Ubuntu).
 BUILD_PKGS=(gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler
             acpica-tools kmod debian-archive-keyring python3-pip)
+# `make check` runs no kernel build and no guest: the firmware tests' dtc and iasl only.
+CHECK_PKGS=(device-tree-compiler acpica-tools)
 RUSTUP_HINT="install Rust with rustup (https://rustup.rs)"
 [ "$HOST_ARCH" = aarch64 ] || RUSTUP_HINT+=", then: rustup target add $TARGET"
 
@@ -90,6 +95,7 @@ plan() {
     family=$(distro)
     foreign=
     pkgs=("${BUILD_PKGS[@]}")
+    [ "$FOR" = all ] || pkgs=("${CHECK_PKGS[@]}")
     if [ "$family" = other ]; then
         die "$(pretty_name) is not Debian or Ubuntu: 'make' installs its host packages with apt." \
             "  Use Debian 12 (or newer) or Ubuntu, e.g. in a container, with Rust from rustup."
@@ -106,7 +112,7 @@ plan() {
         fi
         return
     fi
-    pkgs+=(qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+    [ "$FOR" = check ] || pkgs+=(qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
     if rustup_has_target; then
         rust="rustup's $TARGET target"
     elif [ "$family" = debian ]; then
@@ -153,9 +159,15 @@ install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get -q install -y --no-install-recommends "${pkgs[@]}" >/dev/null
 }
 
+FOR=all
+if [ "${1:-}" = --for ]; then
+    FOR=${2:-}
+    [ "$FOR" = all ] || [ "$FOR" = check ] || die "--for takes all or check, not '$FOR'"
+    shift 2
+fi
 case "${1:-}" in
     busybox) shift; busybox "$@" ;;
     --dry-run) plan; print_plan ;;
     "") plan; install ;;
-    *) die "usage: deps.sh [--dry-run] | deps.sh busybox OUT" ;;
+    *) die "usage: deps.sh [--for all|check] [--dry-run] | deps.sh busybox OUT" ;;
 esac

@@ -93,6 +93,10 @@ check "Debian 12, no rustup target: rustc-web and the arm64 architecture" \
     "Debian GNU/Linux 12 (bookworm) (debian family)" "rust: Debian's rustc-web" \
     "dpkg --add-architecture arm64" "libstd-rust-web-dev:arm64" "qemu-system-arm" \
     "gcc-aarch64-linux-gnu" "debian-archive-keyring"
+check "Debian 12, make check: the cross std, no kernel tools, no qemu, no cross gcc" \
+    debian12 x86_64 cargo 0 "--for check --dry-run" -- \
+    "rust: Debian's rustc-web" "libstd-rust-web-dev:arm64" "device-tree-compiler" \
+    "!qemu-system-arm" "!gcc-aarch64-linux-gnu" "!flex" "!python3-pip"
 check "Debian 12 with rustup's target: no rustc-web, no arm64 architecture" \
     debian12 x86_64 rustup 0 --dry-run -- \
     "rust: rustup's aarch64-unknown-linux-gnu target" "!add-architecture" \
