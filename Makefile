@@ -4,7 +4,7 @@
 #   make check           formatting, lint, unit and host tests (no kernel, no guest)
 #   make e2e             only the guests: SCENARIO=globs, TESTS=globs narrow it
 #   make run [CMD=...]   boot the default platform to a shell (or run CMD and power off)
-#   make bench           boot-to-userspace: gracevm vs qemu-system-aarch64 TCG
+#   make bench           the loop measured: boot ratio, VMM start, series and edit to verdict
 #   make fuzz            fuzz the device models (FUZZ_SECONDS per target, default 600)
 #   make kernel          build the guest kernel (Debian linux-source, or KSRC=/path/to/linux)
 #
@@ -101,11 +101,9 @@ RUSTUP_TARGET := $(shell rustup target list --installed 2>/dev/null | grep -qx $
 ifeq ($(RUSTUP_TARGET),yes)
 AARCH64_CARGO  := cargo
 AARCH64_CLIPPY := cargo clippy
-CROSS_PKGS     := gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 else
 AARCH64_CARGO  := RUSTC=/usr/bin/rustc cargo
 AARCH64_CLIPPY := RUSTC=/usr/bin/rustc /usr/bin/cargo-clippy clippy
-CROSS_PKGS     := rustc-web rust-web-clippy libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 endif
 AARCH64_FLAGS := --target $(TARGET) --target-dir target/cross
 AARCH64_DIR   := target/cross/$(TARGET)/release
@@ -122,50 +120,27 @@ export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
 # What the kernel build recorded (for kcidb.json); a ready KERNEL= has none.
 export GRACEVM_BUILD_INFO := $(if $(KERNEL),,$(GUEST_KBUILD)/gracevm-build.json)
 
+# kcidb-io goes into the cache (a distribution's Python refuses system-wide pip installs).
+PY_CACHE = PYTHONPATH=$(CACHE)/python$${PYTHONPATH:+:$$PYTHONPATH}
+# What `deps` installs: everything, or (make check) only what the host tests need.
+DEPS_FOR ?= all
 GUEST_ARGS = --cpus $(CPUS) --memory $(MEMORY) $(ARGS)
 comma := ,
 SCENARIO_ARGS = $(if $(SCENARIO),$(foreach s,$(subst $(comma), ,$(SCENARIO)),--scenario '$(s)'),--all-scenarios)
 
-.PHONY: help check deps kernel default-kernel default-debug-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench clean
+.PHONY: help check deps kernel default-kernel default-debug-kernel debug-config initramfs vmm lint host-test fuzz-smoke fuzz e2e test run bench bench-boot print-kver print-guest-kbuild clean
 
 help:
 	@sed -n '2,/^# Everything/p' Makefile | sed '$$d; s/^# \{0,1\}//'
 
 # --- host packages ------------------------------------------------------------------------
-ifeq ($(HOST_ARCH),aarch64)
-APT_PKGS := gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils device-tree-compiler acpica-tools kmod
-else
-APT_PKGS := $(CROSS_PKGS) qemu-system-arm gcc make flex bison bc libelf-dev libssl-dev cpio xz-utils \
-            device-tree-compiler acpica-tools kmod
-endif
-SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-
+# apt on Debian 12+ and Ubuntu; elsewhere (or without a Rust route to aarch64) it stops saying
+# what to install. `tools/deps.sh --dry-run` prints the plan.
 deps:
-	@have=$$(dpkg-query -W -f='$${db:Status-Status}\n' $(APT_PKGS) 2>/dev/null | grep -c '^installed$$' || true); \
-	 if [ "$$have" -lt "$(words $(APT_PKGS))" ]; then \
-	    echo "[deps] installing host packages: $(APT_PKGS)"; \
-	    if [ "$(HOST_ARCH)" != aarch64 ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then \
-	        $(SUDO) dpkg --add-architecture arm64; fi; \
-	    $(SUDO) apt-get -q update >/dev/null 2>&1 || echo "[deps] apt-get update reported errors (a missing mirror?)"; \
-	    missing=; for p in $(APT_PKGS); do \
-	        apt-cache policy "$$p" 2>/dev/null | grep -q 'Candidate: [0-9]' || missing="$$missing $$p"; done; \
-	    if [ -n "$$missing" ]; then \
-	        echo "deps: apt has no candidate for:$$missing." >&2; \
-	        echo "  gracevm cross-builds its aarch64 parts with Debian 12's rustc-web and arm64 std, and takes" >&2; \
-	        echo "  arm64 packages (busybox-static:arm64) from the distribution. Either install the Rust target" >&2; \
-	        echo "  with 'rustup target add $(TARGET)' (then rustc-web is not needed), or, on Ubuntu, add" >&2; \
-	        echo "  its ubuntu-ports mirror for arm64 ('[arch=arm64]' entries, '[arch=amd64]' on the others)." >&2; \
-	        exit 2; \
-	    fi; \
-	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -q install -y --no-install-recommends $(APT_PKGS) >/dev/null; \
-	 fi
-	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 2; }
+	@tools/deps.sh --for $(DEPS_FOR)
 
 $(BUSYBOX):
-	@echo "[deps] fetching Debian's busybox-static:arm64 into $(CACHE)/busybox"
-	@tmp=$$(mktemp -d); cd $$tmp && apt-get -q -o APT::Sandbox::User=root download busybox-static:arm64 >/dev/null && \
-	    dpkg-deb -x busybox-static_*_arm64.deb x && mkdir -p $(CACHE)/busybox/bin && \
-	    cp x/bin/busybox $(BUSYBOX) && rm -rf $$tmp
+	@CACHE=$(CACHE) tools/deps.sh busybox $(BUSYBOX)
 
 # --- kernels ------------------------------------------------------------------------------
 default-kernel: deps
@@ -185,10 +160,13 @@ ifneq ($(KERNEL),)
 	@test -f $(GUEST_IMAGE) || { echo "KERNEL=$(KERNEL): no such file (pass an arm64 Image)" >&2; exit 2; }
 else ifneq ($(KSRC),)
 	@test -f $(KSRC_ABS)/Makefile || { echo "KSRC=$(KSRC): not a kernel source tree" >&2; exit 2; }
+	@test "$(KSRC_ABS)" != "$(abspath $(CACHE)/src/linux-source-$(KVER))" || { echo "KSRC=$(KSRC) is gracevm's \
+	own source cache, whose checkout make switches: use PATCHES=, or a clone of it" >&2; exit 2; }
 	@echo "[kernel] building your tree $(KSRC_ABS)"
 	@guest-kernel/build.sh $(BUILD_FLAGS) $(KSRC_ABS) $(GUEST_KBUILD)
 else ifneq ($(PATCHES),)
-	@guest-kernel/kernel.sh $(CACHE) $(KVER) $(GUEST_KBUILD) --series $(PATCHES_ABS) $(BUILD_FLAGS) --seed $(SEED_KBUILD)
+	@$(if $(NO_NEAREST_SEED),GRACEVM_NEAREST_SEED=0) guest-kernel/kernel.sh $(CACHE) $(KVER) $(GUEST_KBUILD) \
+	    --series $(PATCHES_ABS) $(BUILD_FLAGS) $(if $(NO_SEED),,--seed $(SEED_KBUILD))
 endif
 
 # --- gracevm and the guest's userspace ----------------------------------------------------
@@ -202,12 +180,17 @@ initramfs: vmm $(BUSYBOX)
 	@$(HOST_VMM) initramfs --init tests/guest/init --busybox $(BUSYBOX) --suite $(SUITE) --out $(INITRD)
 
 # --- the two commands -----------------------------------------------------------------------
+# Functions stay short enough to read whole; the allowed one is being split on its own branch.
+FN_MAX_LINES    := 80
+FN_LENGTH_ALLOW := --allow platform/src/guest.rs:env_file
 # Formatting and clippy, including the aarch64-only KVM glue (linted with Debian's clippy for
 # the cross compiler on x86_64 hosts).
 lint: deps
 	@echo "[lint] cargo fmt --check, clippy (host$(if $(AARCH64_FLAGS), and aarch64,))"
 	@cargo fmt --all -- --check
 	@cargo clippy -q --workspace --all-targets -- -D warnings
+	@echo "[lint] functions over $(FN_MAX_LINES) lines (tests/lint/fn-length.py)"
+	@tests/lint/fn-length.py --max $(FN_MAX_LINES) $(FN_LENGTH_ALLOW) platform firmware
 ifneq ($(HOST_ARCH),aarch64)
 	@$(AARCH64_CLIPPY) -q --target $(TARGET) --target-dir target/cross-clippy \
 	    -p gracevm -p guest-suite -- -D warnings
@@ -218,15 +201,17 @@ host-test: deps lint
 	@cargo test -q --workspace
 	@echo "[test] patch-series application (PATCHES=)"
 	@tests/e2e/apply-patches.sh
+	@echo "[test] host package plans (tools/deps.sh: Debian, Ubuntu, aarch64, others)"
+	@tests/host/deps-plan.sh
 
 e2e: kernel initramfs
 	@echo "[test] end to end: booting $(GUEST_IMAGE)"
 	@$(SET_EXPECT) $(WITH_MODULES) $(HOST_VMM) test $(SCENARIO_ARGS) $(if $(TESTS),--tests '$(TESTS)',) \
 	    --scenarios-dir tests/scenarios --timeout $(TIMEOUT) $(ARGS) --out $(OUT)
 	@echo "[test] KCIDB report: $(OUT)/kcidb.json against the schema (kcidb-io)"
-	@python3 -c 'import kcidb_io' 2>/dev/null || { echo "[deps] installing kcidb-io (PyPI)"; \
-	    python3 -m pip install -q --root-user-action=ignore kcidb-io >/dev/null; }
-	@tests/host/kcidb-validate.py $(OUT)/kcidb.json
+	@$(PY_CACHE) python3 -c 'import kcidb_io' 2>/dev/null || { echo "[deps] installing kcidb-io (PyPI) into $(CACHE)/python"; \
+	    python3 -m pip install -q --root-user-action=ignore --target $(CACHE)/python kcidb-io >/dev/null; }
+	@$(PY_CACHE) tests/host/kcidb-validate.py $(OUT)/kcidb.json
 ifeq ($(SCENARIO)$(TESTS),)
 	@echo "[test] harness exit statuses: panic, timeout, bad input, Ctrl-C"
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status
@@ -243,14 +228,27 @@ fuzz: deps
 
 test: host-test fuzz-smoke debug-config e2e
 
-# The quick loop without a kernel: formatting, lint, unit and host tests.
+# The quick loop without a kernel: formatting, lint, unit and host tests; a cold machine gets
+# only the packages these need.
+check: DEPS_FOR := check
 check: host-test
 
 run: kernel initramfs
 	@$(WITH_MODULES) $(HOST_VMM) run $(GUEST_ARGS) $(if $(TIMEOUT_RUN),--timeout $(TIMEOUT_RUN),) $(if $(CMD),--cmd "$(CMD)",)
 
+# The loop, phase by phase (tests/bench/loop.sh: BENCH_PHASES, PATCHES=, BENCH_FULL=1).
 bench: kernel initramfs
-	@$(HOST_VMM) bench --platform $(BENCH_PLATFORM) $(GUEST_ARGS) --out $(OUT)/bench
+	@CACHE=$(CACHE) tests/bench/loop.sh $(OUT)/bench $(BENCH_PHASES)
+
+# Boot to userspace only: gracevm against qemu-system-aarch64 TCG on the same Image.
+bench-boot: kernel initramfs
+	@$(HOST_VMM) bench --platform $(BENCH_PLATFORM) $(GUEST_ARGS) --out $(OUT)/boot
+
+print-kver:
+	@echo $(KVER)
+
+print-guest-kbuild:
+	@echo $(GUEST_KBUILD)
 
 clean:
 	cargo clean

@@ -4,6 +4,7 @@
 #
 #   apply-patches.sh REPO SERIES     # branch series/<checksum>: base + the series, checked out
 #   apply-patches.sh REPO            # back to the unpatched source (branch base)
+#   apply-patches.sh --branch-of SERIES  # print the series' branch name; touches nothing
 #
 # REPO is the default source tree; the first call makes it a git repository whose branch
 # `base` is the tree as unpacked. Every series is a branch off base in the same directory, so
@@ -18,33 +19,41 @@
 # is not applied again: its branch is checked out.
 set -euo pipefail
 
-repo=${1:?usage: apply-patches.sh REPO [SERIES]}
-series=${2:-}
+branch_only=
+if [ "${1:-}" = --branch-of ]; then
+    branch_only=1
+    repo= series=${2:?usage: apply-patches.sh --branch-of SERIES}
+else
+    repo=${1:?usage: apply-patches.sh REPO [SERIES]}
+    series=${2:-}
+fi
 say() { printf '[patches] %s\n' "$*" >&2; }
 die() { printf 'patch series: %s\n' "$*" >&2; exit 1; }
 
-[ -d "$repo" ] || die "$repo is not a directory"
+[ -n "$branch_only" ] || [ -d "$repo" ] || die "$repo is not a directory"
 export GIT_AUTHOR_NAME=gracevm GIT_AUTHOR_EMAIL=gracevm@localhost
 export GIT_COMMITTER_NAME=gracevm GIT_COMMITTER_EMAIL=gracevm@localhost
 g() { git -C "$repo" "$@"; }
 
-if ! g rev-parse -q --verify refs/heads/base >/dev/null 2>&1; then
-    [ ! -e "$repo/.git" ] || die "$repo is a git repository without a 'base' branch: not one gracevm made"
-    say "recording $(basename "$repo") as branch base (once)"
-    g init -q -b base
-    g config core.autocrlf false
-    g add -f -A  # Debian's linux-source .gitignore ignores everything at the top level
-    g commit -q -m "$(basename "$repo")"
-fi
+if [ -z "$branch_only" ]; then
+    if ! g rev-parse -q --verify refs/heads/base >/dev/null 2>&1; then
+        [ ! -e "$repo/.git" ] || die "$repo is a git repository without a 'base' branch: not one gracevm made"
+        say "recording $(basename "$repo") as branch base (once)"
+        g init -q -b base
+        g config core.autocrlf false
+        g add -f -A  # Debian's linux-source .gitignore ignores everything at the top level
+        g commit -q -m "$(basename "$repo")"
+    fi
 
-# Never lose work: the tree must be as its branch has it before switching.
-if [ -n "$(g status --porcelain --untracked-files=no)" ]; then
-    die "$repo has local changes (git -C $repo status): gracevm only switches a clean tree"
-fi
+    # Never lose work: the tree must be as its branch has it before switching.
+    if [ -n "$(g status --porcelain --untracked-files=no)" ]; then
+        die "$repo has local changes (git -C $repo status): gracevm only switches a clean tree"
+    fi
 
-if [ -z "$series" ]; then
-    [ "$(g symbolic-ref --short HEAD)" = base ] || g checkout -q base
-    exit 0
+    if [ -z "$series" ]; then
+        [ "$(g symbolic-ref --short HEAD)" = base ] || g checkout -q base
+        exit 0
+    fi
 fi
 
 [ -e "$series" ] || die "$series does not exist (PATCHES= takes an mbox file or a directory of patches)"
@@ -85,6 +94,10 @@ mapfile -t patches < <(ls "$work/split" | sort)
 [ ${#patches[@]} -gt 0 ] || die "no patch with a diff in $series"
 sum=$(cat "$work/split/"* | sha256sum | cut -c1-16)
 branch=series/$sum
+if [ -n "$branch_only" ]; then
+    echo "$branch"
+    exit 0
+fi
 
 if g rev-parse -q --verify "refs/heads/$branch" >/dev/null; then
     [ "$(g symbolic-ref --short HEAD)" = "$branch" ] || g checkout -q "$branch"

@@ -28,7 +28,54 @@ if ! flock -n 9; then
     printf '[kernel] another build holds %s; waiting\n' "$src" >&2
     flock 9
 fi
+# A build already made from exactly this commit, these fragments and this build script is
+# complete: nothing is checked out or made (switching between built series costs seconds,
+# and the tree keeps whatever is checked out, so the next build touches nothing needlessly).
+fingerprint() {
+    local commit=$1
+    { echo "$commit $*"; cat "$here"/fragments/*.config "$here/build.sh"; } | md5sum | cut -d' ' -f1
+}
+branch=base
+[ -z "$series" ] || branch=$("$here/apply-patches.sh" --branch-of "$series" 9>&-)
+if commit=$(git -C "$src" rev-parse -q --verify "refs/heads/$branch" 2>/dev/null) &&
+    [ -f "$build/arch/arm64/boot/Image" ] &&
+    [ "$(cat "$build/.gracevm-done" 2>/dev/null)" = "$(fingerprint "$commit" "$@")" ]; then
+    printf '[kernel] %s is up to date (%s at %s)\n' "$build" "$branch" "${commit:0:12}" >&2
+    exit 0
+fi
 # The lock is this script's; children do not inherit it (a straggler such as the build's
 # progress ticker would hold the tree after the build ended).
 "$here/apply-patches.sh" "$src" ${series:+"$series"} 9>&-
-GRACEVM_SERIES=$series "$here/build.sh" "$@" "$src" "$build" 9>&-
+
+# A build directory that has never been built starts as a copy of the nearest build of this
+# tree (fewest files differing from what is checked out now, same flavour): the previous
+# revision of a series, or the same series with one more patch, rather than the default
+# build, so only what differs is compiled. Kbuild stays right whatever the seed: checkouts
+# rewrite every file that differs, so each is newer than any object built from older content.
+# GRACEVM_NEAREST_SEED=0 keeps the seed given (`make bench` times the difference).
+args=() debug= seed_at=
+for a in "$@"; do
+    [ "$a" != --debug ] || debug=1
+    [ "$a" != --seed ] || seed_at=${#args[@]}
+    args+=("$a")
+done
+if [ -n "$seed_at" ] && [ ! -f "$build/.config" ] && [ "${GRACEVM_NEAREST_SEED:-1}" != 0 ]; then
+    best= best_n=
+    for f in "$cache"/build/*/gracevm-build.json; do
+        dir=$(dirname "$f")
+        [ "$dir" != "$build" ] && [ -f "$dir/.config" ] || continue
+        case "$dir" in *-debug) [ -n "$debug" ] || continue ;; *) [ -z "$debug" ] || continue ;; esac
+        grep -qF "\"source\": \"$src\"" "$f" || continue
+        commit=$(sed -n 's/^ *"git_commit_hash": "\([0-9a-f]\{40\}\)".*/\1/p' "$f")
+        [ -n "$commit" ] || continue
+        n=$(git -C "$src" diff --name-only "$commit" HEAD -- 2>/dev/null | wc -l) || continue
+        if [ -z "$best_n" ] || [ "$n" -lt "$best_n" ]; then best=$dir best_n=$n; fi
+    done
+    if [ -n "$best" ] && [ "$best" != "${args[$((seed_at + 1))]}" ]; then
+        printf '[kernel] seeding from %s: %s file(s) differ from it\n' "$(basename "$best")" "$best_n" >&2
+        args[$((seed_at + 1))]=$best
+    fi
+fi
+rm -f "$build/.gracevm-done"
+GRACEVM_SERIES=$series "$here/build.sh" "${args[@]}" "$src" "$build" 9>&-
+fingerprint "$(git -C "$src" rev-parse HEAD)" "$@" > "$build/.gracevm-done"

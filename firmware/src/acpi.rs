@@ -24,8 +24,8 @@ use acpi_tables::srat::MemoryAffinity;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
 
-use crate::description::Platform;
 use crate::layout::*;
+use crate::resolved::Resolved;
 use crate::{gpu_properties, BootParams, Error};
 
 pub const OEM_ID: [u8; 6] = *b"GRACVM";
@@ -109,12 +109,12 @@ fn ppi_gsiv(ppi: u32) -> u32 {
 }
 
 /// Every table, placed from `base` on: RSDP first, then XSDT, FADT, DSDT and the rest.
-pub fn tables(platform: &Platform, boot: &BootParams, base: u64) -> Result<Vec<AcpiTable>, Error> {
-    let map = platform.memory_map();
+pub fn tables(platform: &Resolved, boot: &BootParams, base: u64) -> Result<Vec<AcpiTable>, Error> {
+    let map = platform.map();
     let has_pci = !map.gpus.is_empty();
 
     let mut others: Vec<(&str, Vec<u8>)> = vec![
-        ("DSDT", dsdt(platform, &map)),
+        ("DSDT", dsdt(platform, map)),
         ("APIC", madt(&boot.mpidrs)),
         ("GTDT", gtdt()),
         ("SPCR", spcr()),
@@ -122,7 +122,7 @@ pub fn tables(platform: &Platform, boot: &BootParams, base: u64) -> Result<Vec<A
     if has_pci {
         others.push(("MCFG", mcfg()));
     }
-    others.push(("SRAT", srat(&map)));
+    others.push(("SRAT", srat(map)));
 
     // Place: RSDP, XSDT, FADT, then the others in order.
     let align = |a: u64| a.div_ceil(TABLE_ALIGN) * TABLE_ALIGN;
@@ -325,7 +325,7 @@ fn srat(map: &MemoryMap) -> Vec<u8> {
 }
 
 /// DSDT (revision 2, so AML integers are 64-bit).
-fn dsdt(platform: &Platform, map: &MemoryMap) -> Vec<u8> {
+fn dsdt(platform: &Resolved, map: &MemoryMap) -> Vec<u8> {
     // AML objects borrow their children, so each device is encoded in one expression.
     let com0 = aml(&Device::new(
         "COM0".into(),
@@ -366,7 +366,7 @@ fn dsdt(platform: &Platform, map: &MemoryMap) -> Vec<u8> {
 }
 
 /// The PCIe host bridge and the GPUs under it.
-fn pci0(platform: &Platform, map: &MemoryMap) -> Vec<u8> {
+fn pci0(platform: &Resolved, map: &MemoryMap) -> Vec<u8> {
     let crs = aml(&ResourceTemplate::new(vec![
         &AddressSpace::<u16>::new_bus_number(0, (PCI_BUSES - 1) as u16),
         &AddressSpace::<u32>::new_memory(
@@ -428,7 +428,7 @@ fn pci0(platform: &Platform, map: &MemoryMap) -> Vec<u8> {
         Raw(res0),
     ];
     for g in &map.gpus {
-        children.push(Raw(gpu_device(g, &gpu_properties(platform, map, g))));
+        children.push(Raw(gpu_device(g, &gpu_properties(platform, g))));
     }
     aml(&Device::new(
         "PCI0".into(),
@@ -464,7 +464,7 @@ pub fn byte_sum(bytes: &[u8]) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::description::{Gpu, GpuModel, Size, Socket};
+    use crate::description::{Gpu, GpuModel, Platform, Size, Socket};
 
     fn boot(vcpus: u32) -> BootParams {
         BootParams::example(vcpus)
@@ -508,7 +508,7 @@ mod tests {
     #[test]
     fn test_acpi_every_checksum_and_length_right() {
         for p in [Platform::minimal(), Platform::default(), rich_platform()] {
-            let t = tables(&p, &boot(p.vcpus), 0x4000_2000).unwrap();
+            let t = tables(&p.resolve().unwrap(), &boot(p.vcpus), 0x4000_2000).unwrap();
             for table in &t {
                 let b = &table.bytes;
                 if table.signature == "RSDP" {
@@ -530,7 +530,7 @@ mod tests {
     #[test]
     fn test_acpi_pointers_chain_rsdp_xsdt_fadt_dsdt() {
         let p = Platform::default();
-        let t = tables(&p, &boot(1), 0x4000_2000).unwrap();
+        let t = tables(&p.resolve().unwrap(), &boot(1), 0x4000_2000).unwrap();
         let rsdp = find(&t, "RSDP");
         let xsdt = find(&t, "XSDT");
         assert_eq!(u64_at(&rsdp.bytes, 24), xsdt.addr);
@@ -565,7 +565,7 @@ mod tests {
     fn test_acpi_madt_has_gicc_per_vcpu_with_mpidr() {
         let p = rich_platform();
         let b = boot(4);
-        let t = tables(&p, &b, 0x4000_2000).unwrap();
+        let t = tables(&p.resolve().unwrap(), &b, 0x4000_2000).unwrap();
         let madt = &find(&t, "APIC").bytes;
         assert_eq!(madt.len(), 44 + 4 * 80 + 24 + 16);
         for i in 0..4 {
@@ -580,7 +580,7 @@ mod tests {
     #[test]
     fn test_acpi_srat_domains() {
         let p = rich_platform();
-        let t = tables(&p, &boot(4), 0x4000_2000).unwrap();
+        let t = tables(&p.resolve().unwrap(), &boot(4), 0x4000_2000).unwrap();
         let srat = &find(&t, "SRAT").bytes;
         assert_eq!(srat[8], 3, "revision");
         // Walk the subtables: (type, pxm, base, len, flags).
@@ -630,7 +630,7 @@ mod tests {
     #[test]
     fn test_acpi_dsdt_revision_and_gpu_devices() {
         let p = rich_platform();
-        let t = tables(&p, &boot(4), 0x4000_2000).unwrap();
+        let t = tables(&p.resolve().unwrap(), &boot(4), 0x4000_2000).unwrap();
         let dsdt = &find(&t, "DSDT").bytes;
         assert!(
             dsdt[8] >= 2,
@@ -656,7 +656,7 @@ mod tests {
     #[test]
     fn test_acpi_no_gpu_means_no_pci_and_no_mcfg() {
         let p = Platform::minimal();
-        let t = tables(&p, &boot(1), 0x4000_2000).unwrap();
+        let t = tables(&p.resolve().unwrap(), &boot(1), 0x4000_2000).unwrap();
         assert!(t.iter().all(|t| t.signature != "MCFG"));
         let dsdt = &find(&t, "DSDT").bytes;
         assert!(!dsdt.windows(4).any(|w| w == b"PCI0"));

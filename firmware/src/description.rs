@@ -45,6 +45,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 
 use crate::layout::{self, GuestRange, MemoryMap, GIB, KIB, MIB};
+use crate::resolved::Resolved;
 use crate::Error;
 
 /// How the kernel learns about the machine.
@@ -461,11 +462,6 @@ impl Platform {
         self.sockets[0].ram.0
     }
 
-    /// Where everything is. Meaningful only for a valid platform (see [`Platform::validate`]).
-    pub fn memory_map(&self) -> MemoryMap {
-        MemoryMap::new(self)
-    }
-
     /// What the guest's /proc/iomem shows as "System RAM" in total, in both boot modes: all
     /// sockets' RAM. The firmware region at the start of socket 0 is included: in ACPI mode it
     /// is EFI ACPI-reclaim memory with the WB attribute, which arm64 Linux adds to memblock
@@ -476,39 +472,39 @@ impl Platform {
         self.sockets.iter().map(|s| s.ram.0).sum()
     }
 
-    /// Guest physical address bits the platform needs (at least 32): everything it places,
-    /// including the PCIe windows, must be below 2^bits.
-    pub fn required_ipa_bits(&self) -> u32 {
-        layout::ipa_bits(self.memory_map().top())
-    }
-
-    /// Check the platform fits a host whose KVM supports `limit_bits` of guest physical
-    /// address; the error says what does not fit.
-    pub fn validate_ipa(&self, limit_bits: u32) -> Result<(), String> {
-        let need = self.required_ipa_bits();
-        if need <= limit_bits {
-            return Ok(());
-        }
-        let limit = 1u128 << limit_bits;
-        let beyond: Vec<String> = self
-            .memory_map()
-            .named_ranges()
-            .into_iter()
-            .filter(|(_, r)| u128::from(r.end()) > limit)
-            .map(|(name, r)| format!("{name} {r}"))
-            .collect();
-        Err(format!(
-            "the platform needs {need}-bit guest physical addresses but this host's KVM \
-             supports {limit_bits} bits; beyond {:#x}: {}. Shrink or move these (or run on a \
-             host with a larger IPA limit)",
-            limit,
-            beyond.join(", ")
-        ))
-    }
-
     /// Check what the TOML grammar cannot: counts, sizes, alignment, what fits in the memory
     /// map, proximity domains, retired pages, fault knobs.
     pub fn validate(&self) -> Result<(), String> {
+        self.resolve().map(|_| ())
+    }
+
+    /// Validate the description and place everything it describes: the one place the memory
+    /// map is computed. Nothing is built from a description that does not resolve.
+    pub fn resolve(&self) -> Result<Resolved, String> {
+        self.validate_parts()?;
+        let map = MemoryMap::new(self);
+        validate_no_overlap(&map)?;
+        let top = map.top();
+        if top > layout::MAX_IPA {
+            let beyond: Vec<String> = map
+                .named_ranges()
+                .into_iter()
+                .filter(|(_, r)| r.end() > layout::MAX_IPA)
+                .map(|(name, r)| format!("{name} {r}"))
+                .collect();
+            return Err(format!(
+                "{} ends beyond the {}-bit guest physical address space (the most any host \
+                 KVM offers)",
+                beyond.join(", "),
+                layout::MAX_IPA_BITS
+            ));
+        }
+        validate_pxms(&map)?;
+        Ok(Resolved::new(self.clone(), map))
+    }
+
+    /// What can be checked before anything is placed: counts, each socket, each GPU.
+    fn validate_parts(&self) -> Result<(), String> {
         if self.vcpus == 0 || self.vcpus > layout::MAX_VCPUS {
             return Err(format!(
                 "vcpus = {}: must be between 1 and {} (the GIC redistributor space)",
@@ -536,24 +532,6 @@ impl Platform {
         for (i, g) in self.gpus.iter().enumerate() {
             self.validate_gpu(i, g)?;
         }
-        let map = self.memory_map();
-        validate_no_overlap(&map)?;
-        let top = map.top();
-        if top > layout::MAX_IPA {
-            let beyond: Vec<String> = map
-                .named_ranges()
-                .into_iter()
-                .filter(|(_, r)| r.end() > layout::MAX_IPA)
-                .map(|(name, r)| format!("{name} {r}"))
-                .collect();
-            return Err(format!(
-                "{} ends beyond the {}-bit guest physical address space (the most any host \
-                 KVM offers)",
-                beyond.join(", "),
-                layout::MAX_IPA_BITS
-            ));
-        }
-        validate_pxms(&map)?;
         Ok(())
     }
 
@@ -731,12 +709,16 @@ mod tests {
     fn test_description_default_valid_and_grace_like() {
         let p = Platform::default();
         p.validate().unwrap();
-        let map = p.memory_map();
+        let map = p.resolve().unwrap().map().clone();
         assert_eq!(map.carve_outs.len(), 1);
         assert_eq!(map.carve_outs[0].pxm, 4);
         assert_eq!(map.carve_outs[0].range.size, GIB);
         assert_eq!(map.gpus[0].device_id, 0x2941);
-        assert!(p.required_ipa_bits() <= 40, "{}", p.required_ipa_bits());
+        assert!(
+            p.resolve().unwrap().required_ipa_bits() <= 40,
+            "{}",
+            p.resolve().unwrap().required_ipa_bits()
+        );
     }
 
     #[test]
@@ -779,7 +761,7 @@ mod tests {
         assert_eq!(p.gpus[1].readiness, Readiness::DelayMs(1500));
         assert_eq!(p.gpus[2].readiness, Readiness::Never);
         assert_eq!(p.gpus[2].retired_pages_base, Some(Addr(0)));
-        let map = p.memory_map();
+        let map = p.resolve().unwrap().map().clone();
         assert_eq!(map.carve_outs[1].pxm, 5);
         assert_eq!(
             map.carve_outs[0].retired_pages,
@@ -834,8 +816,8 @@ mod tests {
     #[test]
     fn test_description_ipa_limit_reported() {
         let p = Platform::default();
-        p.validate_ipa(40).unwrap();
-        let e = p.validate_ipa(39).unwrap_err();
+        p.resolve().unwrap().validate_ipa(40).unwrap();
+        let e = p.resolve().unwrap().validate_ipa(39).unwrap_err();
         assert!(
             e.contains("40-bit") && e.contains("supports 39 bits") && e.contains("EGM"),
             "{e}"
@@ -863,7 +845,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let map = p.memory_map();
+        let map = p.resolve().unwrap().map().clone();
         let c = &map.carve_outs[0];
         assert_eq!(c.retired_pages.len(), 513);
         let mut seen = std::collections::BTreeSet::new();

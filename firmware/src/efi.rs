@@ -97,7 +97,7 @@ impl MemoryDescriptor {
 /// The EFI memory map of `map`: socket 0's firmware region as ACPI reclaim memory, the rest of
 /// every socket's RAM as conventional memory, all write-back cacheable and 2 MiB aligned.
 /// Carve-outs and GPU memory are left out: the kernel must never see them as RAM.
-pub fn memory_map(map: &MemoryMap) -> Vec<MemoryDescriptor> {
+pub fn memory_descriptors(map: &MemoryMap) -> Vec<MemoryDescriptor> {
     let mut v = Vec::new();
     for r in &map.ram {
         let (mut base, mut size) = (r.range.base, r.range.size);
@@ -247,8 +247,8 @@ mod tests {
             pxm: None,
             egm: None,
         });
-        let map = p.memory_map();
-        let descs = memory_map(&map);
+        let map = p.resolve().unwrap().map().clone();
+        let descs = memory_descriptors(&map);
         assert_eq!(descs.len(), 3);
         assert_eq!(descs[0].kind, MemoryType::AcpiReclaimMemory);
         assert_eq!(

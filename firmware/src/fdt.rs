@@ -11,6 +11,7 @@ use vm_fdt::{FdtWriter, FdtWriterResult};
 
 use crate::description::Platform;
 use crate::layout::*;
+use crate::resolved::Resolved;
 use crate::{gpu_properties, Error};
 
 /// What the VMM knows only at boot time: where it put things, and what KVM said.
@@ -97,7 +98,7 @@ fn check_mpidrs(platform: &Platform, boot: &BootParams) -> Result<(), Error> {
 }
 
 /// Build the full DTB for `platform` booted in DT mode (whatever `platform.boot` says).
-pub fn build_dtb(platform: &Platform, boot: &BootParams) -> Result<Vec<u8>, Error> {
+pub fn build_dtb(platform: &Resolved, boot: &BootParams) -> Result<Vec<u8>, Error> {
     check_mpidrs(platform, boot)?;
     let dtb = write_dt(platform, boot).map_err(|e| Error::Fdt(e.to_string()))?;
     check_size(restore_long_names(&dtb)?)
@@ -213,8 +214,8 @@ pub fn build_efi_stub_dtb(boot: &BootParams, efi: &EfiHandoff) -> Result<Vec<u8>
     check_size(write().map_err(|e| Error::Fdt(e.to_string()))?)
 }
 
-fn write_dt(platform: &Platform, boot: &BootParams) -> FdtWriterResult<Vec<u8>> {
-    let map = platform.memory_map();
+fn write_dt(platform: &Resolved, boot: &BootParams) -> FdtWriterResult<Vec<u8>> {
+    let map = platform.map();
     let mut fdt = FdtWriter::new()?;
     let root = fdt.begin_node("")?;
     fdt.property_string("compatible", "nvidia,gracevm")?;
@@ -224,7 +225,7 @@ fn write_dt(platform: &Platform, boot: &BootParams) -> FdtWriterResult<Vec<u8>> 
     fdt.property_u32("interrupt-parent", PHANDLE_GIC)?;
 
     write_cpus(&mut fdt, &boot.mpidrs, map.ram.len())?;
-    write_memory(&mut fdt, &map)?;
+    write_memory(&mut fdt, map)?;
     write_reserved_memory(&mut fdt)?;
     write_gic(&mut fdt, platform.vcpus)?;
     write_timer(&mut fdt)?;
@@ -232,7 +233,7 @@ fn write_dt(platform: &Platform, boot: &BootParams) -> FdtWriterResult<Vec<u8>> 
     write_uart(&mut fdt)?;
     write_testdev(&mut fdt)?;
     if !map.gpus.is_empty() {
-        write_pcie(&mut fdt, platform, &map)?;
+        write_pcie(&mut fdt, platform, map)?;
     }
     let chosen = fdt.begin_node("chosen")?;
     write_chosen_common(&mut fdt, boot)?;
@@ -375,7 +376,7 @@ fn lo(v: u64) -> u32 {
     v as u32
 }
 
-fn write_pcie(fdt: &mut FdtWriter, platform: &Platform, map: &MemoryMap) -> FdtWriterResult<()> {
+fn write_pcie(fdt: &mut FdtWriter, platform: &Resolved, map: &MemoryMap) -> FdtWriterResult<()> {
     let node = fdt.begin_node(&pcie_node_name())?;
     fdt.property_string("compatible", "pci-host-ecam-generic")?;
     fdt.property_string("device_type", "pci")?;
@@ -438,7 +439,7 @@ fn write_pcie(fdt: &mut FdtWriter, platform: &Platform, map: &MemoryMap) -> FdtW
             "compatible",
             &format!("pci{:x},{:x}", g.vendor_id, g.device_id),
         )?;
-        for (name, value) in gpu_properties(platform, map, g) {
+        for (name, value) in gpu_properties(platform, g) {
             fdt.property_u64(&long_name_alias(name), value)?;
         }
         fdt.end_node(child)?;
@@ -473,9 +474,9 @@ mod tests {
 
     #[test]
     fn test_dtb_builds_with_magic_header() {
-        let dtb = build_dtb(&Platform::default(), &boot(1)).unwrap();
+        let dtb = build_dtb(&Platform::default().resolve().unwrap(), &boot(1)).unwrap();
         assert_eq!(&dtb[..4], &[0xd0, 0x0d, 0xfe, 0xed]);
-        let dtb = build_dtb(&Platform::minimal(), &boot(1)).unwrap();
+        let dtb = build_dtb(&Platform::minimal().resolve().unwrap(), &boot(1)).unwrap();
         assert_eq!(&dtb[..4], &[0xd0, 0x0d, 0xfe, 0xed]);
     }
 
@@ -485,12 +486,12 @@ mod tests {
             vcpus: 2,
             ..Platform::default()
         };
-        assert!(build_dtb(&p, &boot(1)).is_err());
+        assert!(build_dtb(&p.resolve().unwrap(), &boot(1)).is_err());
     }
 
     #[test]
     fn test_dtb_gpu_properties_are_8_bytes() {
-        let dtb = build_dtb(&Platform::default(), &boot(1)).unwrap();
+        let dtb = build_dtb(&Platform::default().resolve().unwrap(), &boot(1)).unwrap();
         // Property names live in the strings block; the value of gpu-mem-base-pa is
         // big-endian 8 bytes somewhere in the structure block.
         let be = GPU_MEM_BASE.to_be_bytes();

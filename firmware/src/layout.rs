@@ -303,7 +303,8 @@ pub struct MemoryMap {
 
 impl MemoryMap {
     /// Place everything `p` describes. Defaults are resolved here (PXMs, carve-out bases).
-    pub fn new(p: &Platform) -> Self {
+    /// Only [`Platform::resolve`] calls it, after validating: the one place the map is made.
+    pub(crate) fn new(p: &Platform) -> Self {
         let mut ram = Vec::new();
         let mut carve_outs = Vec::new();
         for (i, s) in p.sockets.iter().enumerate() {
@@ -509,7 +510,7 @@ mod tests {
             0,
             GIB,
         ));
-        let map = p.memory_map();
+        let map = p.resolve().unwrap().map().clone();
         let bases: Vec<u64> = map.gpus.iter().map(|g| g.memory.base).collect();
         assert_eq!(
             bases,

@@ -7,16 +7,17 @@
 //! every builder is tested on any host and checked by independent parsers (`dtc`, `iasl`) in
 //! `tests/host`.
 //!
-//! The VMM calls [`build`] and then: writes [`Firmware::blob`] at [`layout::FIRMWARE_BASE`]
-//! and [`Firmware::dtb`] at [`layout::dtb_addr`], backs every range of
-//! [`Platform::memory_map`] (RAM, carve-outs, GPU memory) with memory, and enters the kernel
-//! with X0 = the DTB address.
+//! The VMM resolves the description once ([`Platform::resolve`]: validated, memory map
+//! placed), calls [`build`] and then: writes [`Firmware::blob`] at [`layout::FIRMWARE_BASE`]
+//! and [`Firmware::dtb`] at [`layout::dtb_addr`], backs every range of [`Resolved::map`]
+//! (RAM, carve-outs, GPU memory) with memory, and enters the kernel with X0 = the DTB address.
 
 pub mod acpi;
 pub mod description;
 pub mod efi;
 pub mod fdt;
 pub mod layout;
+pub mod resolved;
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +27,7 @@ pub use description::{
 };
 pub use fdt::{build_dtb, BootParams};
 pub use layout::{CarveOut, GpuFunction, GuestRange, MemoryMap, SocketRam};
+pub use resolved::Resolved;
 
 use description::{
     EGM_BASE_PA, EGM_PXM, EGM_RETIRED_PAGES_DATA_BASE, EGM_SIZE, GPU_MEM_BASE_PA, GPU_MEM_SIZE,
@@ -74,17 +76,13 @@ pub struct Firmware {
 
 /// The `nvidia,*` properties of GPU `g` (u64 values, in emission order), with its fault knobs
 /// applied. GPUs on a socket without a carve-out get only the GPU memory properties.
-pub fn gpu_properties(
-    platform: &Platform,
-    map: &MemoryMap,
-    g: &GpuFunction,
-) -> Vec<(&'static str, u64)> {
+pub fn gpu_properties(platform: &Resolved, g: &GpuFunction) -> Vec<(&'static str, u64)> {
     let knobs = platform.gpus.get(g.index);
     let mut props = vec![
         (GPU_MEM_BASE_PA, g.memory.base),
         (GPU_MEM_SIZE, g.memory.size),
     ];
-    if let Some(c) = map.carve_out(g.socket) {
+    if let Some(c) = platform.map().carve_out(g.socket) {
         let table = knobs
             .and_then(|k| k.retired_pages_base)
             .map_or(c.retired_pages_table, |a| a.0);
@@ -125,20 +123,33 @@ fn place(blob: &mut Vec<u8>, addr: u64, bytes: &[u8]) {
     blob[off..off + bytes.len()].copy_from_slice(bytes);
 }
 
-/// Build everything for `platform` (validated first: nothing is built from an invalid
-/// description) booted with `boot`.
-pub fn build(platform: &Platform, boot: &BootParams) -> Result<Firmware, Error> {
-    platform.validate().map_err(|msg| Error::Description {
-        origin: "(given)".into(),
-        msg,
-    })?;
-    let map = platform.memory_map();
+/// Build everything for `platform` booted with `boot` (a [`Resolved`] platform validated).
+pub fn build(platform: &Resolved, boot: &BootParams) -> Result<Firmware, Error> {
     let mut blob = Vec::new();
+    let isolated_tables = place_retired_pages_tables(platform.map(), &mut blob);
+    let fw = match platform.boot {
+        BootMode::Dt => Firmware {
+            boot: BootMode::Dt,
+            dtb: build_dtb(platform, boot)?,
+            blob: Vec::new(),
+            extra_cmdline: String::new(),
+            acpi_tables: vec![],
+            efi_memory_map: vec![],
+            isolated_tables,
+        },
+        BootMode::Acpi => efi_handoff(platform, boot, &mut blob, isolated_tables)?,
+    };
+    // Whole pages, so the VMM's write covers every byte the tables' pages hold.
+    blob.resize(blob.len().div_ceil(4096) * 4096, 0);
+    debug_assert!(blob.len() as u64 <= layout::FIRMWARE_SIZE);
+    Ok(Firmware { blob, ..fw })
+}
 
-    // Retired-pages tables: one slot per socket with a carve-out, each a zeroed 64 KiB slot
-    // (at least one zeroed page, as real firmware provides) with the count and addresses.
-    // An isolated table gets only the room its page has: the count always, then as many
-    // entries as fit.
+/// Retired-pages tables: one slot per socket with a carve-out, each a zeroed 64 KiB slot
+/// (at least one zeroed page, as real firmware provides) with the count and addresses.
+/// An isolated table gets only the room its page has: the count always, then as many
+/// entries as fit. Returns the isolated ones; the others are placed in `blob`.
+fn place_retired_pages_tables(map: &MemoryMap, blob: &mut Vec<u8>) -> Vec<(u64, Vec<u8>)> {
     let mut isolated_tables = Vec::new();
     for c in &map.carve_outs {
         let mut slot = retired_pages_table(&c.retired_pages);
@@ -146,71 +157,66 @@ pub fn build(platform: &Platform, boot: &BootParams) -> Result<Firmware, Error> 
         if c.table_block.is_some() {
             isolated_tables.push((c.retired_pages_table, slot));
         } else {
-            place(&mut blob, c.retired_pages_table, &slot);
+            place(blob, c.retired_pages_table, &slot);
         }
     }
+    isolated_tables
+}
 
-    let (dtb, extra_cmdline, acpi_tables, efi_memory_map) = match platform.boot {
-        BootMode::Dt => (build_dtb(platform, boot)?, String::new(), vec![], vec![]),
-        BootMode::Acpi => {
-            let acpi_base = layout::FIRMWARE_BASE + layout::FW_ACPI_OFFSET;
-            let tables = acpi::tables(platform, boot, acpi_base)?;
-            for t in &tables {
-                place(&mut blob, t.addr, &t.bytes);
-            }
-            let descs = efi::memory_map(&map);
-            let mmap = efi::encode_memory_map(&descs);
-            if mmap.len() as u64 > layout::FW_EFI_MMAP_MAX {
-                return Err(Error::Acpi(format!(
-                    "EFI memory map of {} bytes does not fit",
-                    mmap.len()
-                )));
-            }
-            let mmap_start = layout::FIRMWARE_BASE + layout::FW_EFI_MMAP_OFFSET;
-            place(&mut blob, mmap_start, &mmap);
-            let systab = layout::FIRMWARE_BASE + layout::FW_EFI_SYSTAB_OFFSET;
-            place(
-                &mut blob,
-                systab,
-                &efi::system_table(systab, tables[0].addr),
-            );
+/// The ACPI boot: tables, EFI memory map and system table in `blob`, and the stub DTB that
+/// points the kernel at them.
+fn efi_handoff(
+    platform: &Resolved,
+    boot: &BootParams,
+    blob: &mut Vec<u8>,
+    isolated_tables: Vec<(u64, Vec<u8>)>,
+) -> Result<Firmware, Error> {
+    let acpi_base = layout::FIRMWARE_BASE + layout::FW_ACPI_OFFSET;
+    let tables = acpi::tables(platform, boot, acpi_base)?;
+    for t in &tables {
+        place(blob, t.addr, &t.bytes);
+    }
+    let descs = efi::memory_descriptors(platform.map());
+    let mmap = efi::encode_memory_map(&descs);
+    if mmap.len() as u64 > layout::FW_EFI_MMAP_MAX {
+        return Err(Error::Acpi(format!(
+            "EFI memory map of {} bytes does not fit",
+            mmap.len()
+        )));
+    }
+    let mmap_start = layout::FIRMWARE_BASE + layout::FW_EFI_MMAP_OFFSET;
+    place(blob, mmap_start, &mmap);
+    let systab = layout::FIRMWARE_BASE + layout::FW_EFI_SYSTAB_OFFSET;
+    place(blob, systab, &efi::system_table(systab, tables[0].addr));
 
-            let mut with_extra = boot.clone();
-            let missing = !boot
-                .cmdline
-                .split_whitespace()
-                .any(|w| w == ACPI_EXTRA_CMDLINE);
-            if missing {
-                with_extra.cmdline = format!("{} {ACPI_EXTRA_CMDLINE}", boot.cmdline)
-                    .trim()
-                    .to_string();
-            }
-            let handoff = fdt::EfiHandoff {
-                system_table: systab,
-                mmap_start,
-                mmap_size: mmap.len() as u32,
-                desc_size: efi::MEMORY_DESCRIPTOR_SIZE as u32,
-                desc_version: efi::MEMORY_DESCRIPTOR_VERSION,
-            };
-            let dtb = fdt::build_efi_stub_dtb(&with_extra, &handoff)?;
-            let extra = if missing {
-                ACPI_EXTRA_CMDLINE.to_string()
-            } else {
-                String::new()
-            };
-            (dtb, extra, tables, descs)
-        }
+    let mut with_extra = boot.clone();
+    let missing = !boot
+        .cmdline
+        .split_whitespace()
+        .any(|w| w == ACPI_EXTRA_CMDLINE);
+    if missing {
+        with_extra.cmdline = format!("{} {ACPI_EXTRA_CMDLINE}", boot.cmdline)
+            .trim()
+            .to_string();
+    }
+    let handoff = fdt::EfiHandoff {
+        system_table: systab,
+        mmap_start,
+        mmap_size: mmap.len() as u32,
+        desc_size: efi::MEMORY_DESCRIPTOR_SIZE as u32,
+        desc_version: efi::MEMORY_DESCRIPTOR_VERSION,
     };
-    // Whole pages, so the VMM's write covers every byte the tables' pages hold.
-    blob.resize(blob.len().div_ceil(4096) * 4096, 0);
-    debug_assert!(blob.len() as u64 <= layout::FIRMWARE_SIZE);
     Ok(Firmware {
-        boot: platform.boot,
-        dtb,
-        blob,
-        extra_cmdline,
-        acpi_tables,
-        efi_memory_map,
+        boot: BootMode::Acpi,
+        dtb: fdt::build_efi_stub_dtb(&with_extra, &handoff)?,
+        blob: Vec::new(),
+        extra_cmdline: if missing {
+            ACPI_EXTRA_CMDLINE.to_string()
+        } else {
+            String::new()
+        },
+        acpi_tables: tables,
+        efi_memory_map: descs,
         isolated_tables,
     })
 }
@@ -247,7 +253,7 @@ impl Firmware {
 
 /// Build the firmware of `platform` and write it into `dir` (see [`Firmware::write_to`]).
 pub fn write_dir(
-    platform: &Platform,
+    platform: &Resolved,
     boot: &BootParams,
     dir: &Path,
 ) -> Result<Vec<PathBuf>, Error> {
@@ -266,7 +272,7 @@ mod tests {
     #[test]
     fn test_build_acpi_blob_holds_systab_mmap_tables() {
         let p = Platform::default();
-        let fw = build(&p, &BootParams::example(1)).unwrap();
+        let fw = build(&p.resolve().unwrap(), &BootParams::example(1)).unwrap();
         assert!(fw.blob.len() as u64 <= FIRMWARE_SIZE);
         assert_eq!(u64_at(&fw.blob, 0), efi::SYSTEM_TABLE_SIGNATURE);
         let mmap = layout::FW_EFI_MMAP_OFFSET as usize;
@@ -285,12 +291,12 @@ mod tests {
                     retired_pages_count = 512\nretired_pages_table = \"isolated\"\n\
                     [[gpu]]\nmem_size = \"1G\"\n";
         let p = Platform::from_toml(text, "t").unwrap();
-        let map = p.memory_map();
+        let map = p.resolve().unwrap().map().clone();
         let c = &map.carve_outs[0];
         let block = c.table_block.unwrap();
         assert_eq!(c.retired_pages_table, block.end() - 4096);
         assert!(!map.ram.iter().any(|r| r.range.overlaps(&block)));
-        let fw = build(&p, &BootParams::default()).unwrap();
+        let fw = build(&p.resolve().unwrap(), &BootParams::default()).unwrap();
         assert_eq!(fw.isolated_tables.len(), 1);
         let (addr, bytes) = &fw.isolated_tables[0];
         assert_eq!(*addr, c.retired_pages_table);
@@ -300,7 +306,7 @@ mod tests {
             u64::from_le_bytes(bytes[4088..].try_into().unwrap()),
             c.retired_pages[510]
         );
-        let props = gpu_properties(&p, &map, &map.gpus[0]);
+        let props = gpu_properties(&p.resolve().unwrap(), &map.gpus[0]);
         assert!(props.contains(&(EGM_RETIRED_PAGES_DATA_BASE, c.retired_pages_table)));
     }
 
@@ -311,7 +317,7 @@ mod tests {
             vec![Addr(0x80_0000_1000), Addr(0x80_0000_5000)];
         for boot in [BootMode::Acpi, BootMode::Dt] {
             p.boot = boot;
-            let fw = build(&p, &BootParams::example(1)).unwrap();
+            let fw = build(&p.resolve().unwrap(), &BootParams::example(1)).unwrap();
             let off = (layout::retired_pages_table(0) - FIRMWARE_BASE) as usize;
             assert_eq!(u64_at(&fw.blob, off), 2);
             assert_eq!(u64_at(&fw.blob, off + 8), 0x80_0000_1000);
@@ -325,17 +331,17 @@ mod tests {
     fn test_build_dt_without_carve_out_has_empty_blob() {
         let mut p = Platform::minimal();
         p.boot = BootMode::Dt;
-        let fw = build(&p, &BootParams::example(1)).unwrap();
+        let fw = build(&p.resolve().unwrap(), &BootParams::example(1)).unwrap();
         assert!(fw.blob.is_empty());
         assert!(fw.acpi_tables.is_empty());
         assert_eq!(fw.extra_cmdline, "");
     }
 
     #[test]
-    fn test_build_rejects_invalid_description() {
+    fn test_resolve_rejects_invalid_description() {
         let mut p = Platform::default();
         p.sockets[0].egm.as_mut().unwrap().size = Size(GIB / 2);
-        let e = build(&p, &BootParams::example(1)).unwrap_err().to_string();
+        let e = p.resolve().unwrap_err();
         assert!(e.contains("multiples of 1G"), "{e}");
     }
 
@@ -343,7 +349,7 @@ mod tests {
     fn test_build_does_not_repeat_noruntime() {
         let mut b = BootParams::example(1);
         b.cmdline = "console=ttyAMA0 efi=noruntime".into();
-        let fw = build(&Platform::default(), &b).unwrap();
+        let fw = build(&Platform::default().resolve().unwrap(), &b).unwrap();
         assert_eq!(fw.extra_cmdline, "");
     }
 
@@ -357,13 +363,9 @@ mod tests {
         let mut third = Gpu::new(GpuModel::Gb200, 0, GIB);
         third.retired_pages_base = Some(Addr(0));
         p.gpus.push(third);
-        p.validate().unwrap();
-        let map = p.memory_map();
-        let props: Vec<_> = map
-            .gpus
-            .iter()
-            .map(|g| gpu_properties(&p, &map, g))
-            .collect();
+        let r = p.resolve().unwrap();
+        let map = r.map();
+        let props: Vec<_> = map.gpus.iter().map(|g| gpu_properties(&r, g)).collect();
         assert_eq!(props[0].len(), 6);
         let get = |i: usize, n: &str| props[i].iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
         assert_eq!(
@@ -385,8 +387,8 @@ mod tests {
     fn test_gpu_without_carve_out_has_only_memory_properties() {
         let mut p = Platform::minimal();
         p.gpus.push(Gpu::new(GpuModel::Gh200, 0, GIB));
-        let map = p.memory_map();
-        let props = gpu_properties(&p, &map, &map.gpus[0]);
+        let map = p.resolve().unwrap().map().clone();
+        let props = gpu_properties(&p.resolve().unwrap(), &map.gpus[0]);
         let names: Vec<&str> = props.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, [GPU_MEM_BASE_PA, GPU_MEM_SIZE]);
     }
@@ -394,7 +396,12 @@ mod tests {
     #[test]
     fn test_write_to_names_files_by_signature() {
         let dir = std::env::temp_dir().join(format!("gracevm-fw-unit-{}", std::process::id()));
-        let files = write_dir(&Platform::default(), &BootParams::example(1), &dir).unwrap();
+        let files = write_dir(
+            &Platform::default().resolve().unwrap(),
+            &BootParams::example(1),
+            &dir,
+        )
+        .unwrap();
         let names: Vec<String> = files
             .iter()
             .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())

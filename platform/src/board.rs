@@ -64,8 +64,9 @@ mod tests {
 
     #[test]
     fn test_pci_host_default_platform_exposes_gb200_at_its_device() {
-        let map = Platform::default().memory_map();
-        let host = pci_host(&map).unwrap().expect("default platform has a GPU");
+        let r = Platform::default().resolve().unwrap();
+        let map = r.map();
+        let host = pci_host(map).unwrap().expect("default platform has a GPU");
         let mut bus = MmioBus::new();
         for w in host.mmio_windows() {
             bus.insert(w.base, w.len, w.device).unwrap();
@@ -78,14 +79,14 @@ mod tests {
 
     #[test]
     fn test_pci_host_absent_without_gpus() {
-        assert!(pci_host(&Platform::minimal().memory_map())
+        assert!(pci_host(Platform::minimal().resolve().unwrap().map())
             .unwrap()
             .is_none());
     }
 
     #[test]
     fn test_gpu_config_blackwell_and_readiness_mapping() {
-        let mut map = Platform::default().memory_map();
+        let mut map = Platform::default().resolve().unwrap().map().clone();
         let g = &mut map.gpus[0];
         assert!(gpu_config(g).blackwell_dvsec);
         g.device_id = 0x2342;

@@ -50,6 +50,18 @@ impl Status {
 /// Bad user input (a wrong description, a missing kernel): nothing ran. Same as clap's.
 pub const USAGE: i32 = 2;
 
+/// Make a panic of gracevm (outside a vCPU thread, which reports its own to the event loop)
+/// end the process with [`Status::VmmError`] after the usual message: an unwinding debug build
+/// would otherwise exit with 101 and a release build (`panic = "abort"`) die of SIGABRT, two
+/// statuses for one failure, on either route.
+pub fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::exit(Status::VmmError.code());
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use firmware::layout;
-use firmware::Platform;
+use firmware::{Platform, Resolved};
 
 use gracevm_contract::env::{BootMode, Carveout, Env, Gpu, ModuleLoad, RetiredTable, TableRoom};
 use gracevm_contract::properties;
@@ -35,8 +35,8 @@ pub fn cmdline(extra: &str) -> String {
 }
 
 /// The `/gracevm/env` file.
-pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> String {
-    let map = platform.memory_map();
+pub fn env_file(platform: &Resolved, mode: &Mode, modules: Option<&Modules>) -> String {
+    let map = platform.map();
     Env {
         mode: mode.clone(),
         tests: platform.tests.clone(),
@@ -51,7 +51,7 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
             firmware::BootMode::Acpi => BootMode::Acpi,
             firmware::BootMode::Dt => BootMode::Dt,
         },
-        numa_nodes: memory_nodes(platform, &map),
+        numa_nodes: memory_nodes(platform, map),
         carveouts: map.carve_outs.iter().map(carveout).collect(),
         retired_pages: map.carve_outs.iter().map(retired_table).collect(),
         table_room: map
@@ -62,7 +62,7 @@ pub fn env_file(platform: &Platform, mode: &Mode, modules: Option<&Modules>) -> 
                 bytes: c.table_room(),
             })
             .collect(),
-        gpus: map.gpus.iter().map(|g| gpu(platform, &map, g)).collect(),
+        gpus: map.gpus.iter().map(|g| gpu(platform, g)).collect(),
     }
     .write()
 }
@@ -89,7 +89,7 @@ fn retired_table(c: &firmware::CarveOut) -> RetiredTable {
 
 /// One GPU for the suite: where it is, what it is, and exactly the firmware properties its
 /// node carries (fault knobs applied), so the suite can apply the driver's rules.
-fn gpu(platform: &Platform, map: &firmware::MemoryMap, g: &firmware::GpuFunction) -> Gpu {
+fn gpu(platform: &Resolved, g: &firmware::GpuFunction) -> Gpu {
     Gpu {
         bdf: format!("0000:00:{:02x}.{}", g.device, g.function),
         vendor: g.vendor_id,
@@ -98,7 +98,7 @@ fn gpu(platform: &Platform, map: &firmware::MemoryMap, g: &firmware::GpuFunction
         readiness: g.readiness,
         mem_base: g.memory.base,
         mem_size: g.memory.size,
-        props: firmware::gpu_properties(platform, map, g)
+        props: firmware::gpu_properties(platform, g)
             .into_iter()
             .map(|(name, v)| (properties::short_name(name).to_string(), v))
             .collect(),
@@ -160,7 +160,7 @@ fn kernel_list(ids: &[usize]) -> String {
 /// The user's initrd followed by gracevm's archive and the kernel's module tree.
 pub fn initrd(
     base: &Path,
-    platform: &Platform,
+    platform: &Resolved,
     mode: &Mode,
     modules: Option<&Modules>,
 ) -> Result<Vec<u8>> {
@@ -195,7 +195,9 @@ mod tests {
         let p = Platform {
             vcpus: 3,
             ..Platform::default()
-        };
+        }
+        .resolve()
+        .unwrap();
         let env = env_file(&p, &Mode::Run("echo 'hi'".into()), None);
         assert!(!env.contains("GRACEVM_MODPROBE"), "{env}");
         assert!(env.contains("GRACEVM_MODE=run\n"));
@@ -252,7 +254,7 @@ mod tests {
             },
             load: vec!["nvgrace-egm".into(), "nvgrace-gpu-vfio-pci".into()],
         };
-        let p = Platform::default();
+        let p = Platform::default().resolve().unwrap();
         let env = env_file(&p, &Mode::Test(TestRequest::default()), Some(&m));
         assert!(env.contains("GRACEVM_MODULES_RELEASE='7.3.4'\n"), "{env}");
         assert!(
@@ -277,7 +279,7 @@ mod tests {
                 text += &format!("[[gpu]]\nsocket = {s}\nmem_size = \"1G\"\n");
             }
             let p = Platform::from_toml(&text, "t").unwrap();
-            memory_nodes(&p, &p.memory_map())
+            memory_nodes(&p, p.resolve().unwrap().map())
         };
         // A CPU on every socket: nodes 0-3. Two CPUs: sockets 2 and 3 come after the 4 GPUs.
         assert_eq!(four(4), "0-3");

@@ -11,5 +11,6 @@ pub mod initramfs;
 pub mod machine;
 pub mod modules;
 pub mod nested;
+pub mod vcpu_exit;
 #[cfg(target_arch = "aarch64")]
 pub mod vmm;

@@ -6,9 +6,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use firmware::Platform;
+use firmware::Resolved;
 
 use crate::exit::Status;
+use crate::vcpu_exit::GuestEvent;
 
 /// Flags raised outside the VMM's event loop that end a run.
 #[derive(Default)]
@@ -21,7 +22,8 @@ pub struct Watch {
 
 /// Everything the KVM machine needs to boot one guest.
 pub struct MachineSpec {
-    pub platform: Platform,
+    /// The platform, resolved once: description and memory map.
+    pub platform: Resolved,
     pub kernel: PathBuf,
     /// The whole initrd: the base initramfs with gracevm's own archive appended.
     pub initrd: Vec<u8>,
@@ -30,6 +32,9 @@ pub struct MachineSpec {
     pub console: Box<dyn Write + Send>,
     /// Feed host stdin to the UART.
     pub interactive: bool,
+    /// Fill the carve-outs before the guest starts (always so when interactive: no suite
+    /// waits for a background fill there).
+    pub eager_fill: bool,
     pub timeout: Option<Duration>,
     pub watch: Arc<Watch>,
 }
@@ -45,6 +50,9 @@ pub enum GuestEnd {
     Crash,
     /// A kernel panic seen on the console.
     Panic,
+    /// The guest did something no machine can serve (an MMIO access without a syndrome, a
+    /// hypervisor call nobody answers): a crash of the guest, not of gracevm.
+    Fault(String),
     Timeout,
     /// Ctrl-C, SIGTERM or the console escape.
     Interrupted,
@@ -60,6 +68,7 @@ impl GuestEnd {
             }
             GuestEnd::Crash => "guest crashed (PSCI/KVM crash event)".into(),
             GuestEnd::Panic => "guest kernel panic".into(),
+            GuestEnd::Fault(m) => format!("guest fault: {m}"),
             GuestEnd::Timeout => "guest timed out".into(),
             GuestEnd::Interrupted => "run interrupted".into(),
             GuestEnd::VmmFailure(m) => format!("VMM failure: {m}"),
@@ -71,7 +80,7 @@ impl GuestEnd {
     pub fn status(&self) -> Status {
         match self {
             GuestEnd::PowerOff | GuestEnd::Reset => Status::Pass,
-            GuestEnd::Panic | GuestEnd::Crash => Status::Panic,
+            GuestEnd::Panic | GuestEnd::Crash | GuestEnd::Fault(_) => Status::Panic,
             GuestEnd::Timeout => Status::Timeout,
             GuestEnd::Interrupted => Status::Interrupted,
             GuestEnd::VmmFailure(_) => Status::VmmError,
@@ -85,9 +94,22 @@ impl GuestEnd {
             GuestEnd::Reset => "reset",
             GuestEnd::Crash => "crash",
             GuestEnd::Panic => "panic",
+            GuestEnd::Fault(_) => "guest-fault",
             GuestEnd::Timeout => "timeout",
             GuestEnd::Interrupted => "interrupted",
             GuestEnd::VmmFailure(_) => "vmm-failure",
+        }
+    }
+}
+
+impl From<GuestEvent> for GuestEnd {
+    fn from(ev: GuestEvent) -> Self {
+        match ev {
+            GuestEvent::PowerOff => GuestEnd::PowerOff,
+            GuestEvent::Reset => GuestEnd::Reset,
+            GuestEvent::Crash => GuestEnd::Crash,
+            GuestEvent::Fault(m) => GuestEnd::Fault(m),
+            GuestEvent::VcpuFailed(m) => GuestEnd::VmmFailure(m),
         }
     }
 }

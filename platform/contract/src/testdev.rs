@@ -19,7 +19,11 @@
 //! device lock, and device shutdown would wait on it forever): /init writes it instead.
 //!
 //! A command runs while the CMD write traps, so STATUS is final when the write returns. Every
-//! probed region was filled at boot with [`pattern_word`] in every u64.
+//! probed region holds [`pattern_word`] in every u64 until the guest writes it. The VMM may
+//! fill the carve-outs while the guest boots: until it is done every command answers
+//! [`STATUS_BUSY`] at once (an MMIO access held for seconds would stall the guest's CPU), and a
+//! guest that is about to let anything write there (opening /dev/egm zeroes a region) first
+//! repeats [`Cmd::AwaitFill`] until it answers [`STATUS_OK`].
 
 /// Size of the register page.
 pub const WINDOW_LEN: u64 = 0x1000;
@@ -54,6 +58,8 @@ pub enum Cmd {
     CheckPattern = 2,
     /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
     CheckValue = 3,
+    /// [`STATUS_OK`] once every probed region holds its boot pattern (no operands).
+    AwaitFill = 4,
 }
 
 impl Cmd {
@@ -62,6 +68,7 @@ impl Cmd {
             1 => Some(Cmd::Peek),
             2 => Some(Cmd::CheckPattern),
             3 => Some(Cmd::CheckValue),
+            4 => Some(Cmd::AwaitFill),
             _ => None,
         }
     }
@@ -71,6 +78,8 @@ pub const STATUS_OK: u32 = 0;
 pub const STATUS_MISMATCH: u32 = 1;
 pub const STATUS_OUTSIDE: u32 = 2;
 pub const STATUS_BAD_REQUEST: u32 = 3;
+/// The boot-pattern fill is still running: ask again a little later.
+pub const STATUS_BUSY: u32 = 4;
 pub const STATUS_NONE: u32 = 0xffff_ffff;
 
 /// The boot-time fill of probed regions: the u64 at byte `offset` of a region with `seed`.
@@ -87,7 +96,12 @@ mod tests {
         for r in [BOOT, ID, ADDR, LEN, VAL, CMD, STATUS, WHERE, LAST, POWER] {
             assert!(r < WINDOW_LEN && r % ACCESS_SIZE as u64 == 0);
         }
-        for c in [Cmd::Peek, Cmd::CheckPattern, Cmd::CheckValue] {
+        for c in [
+            Cmd::Peek,
+            Cmd::CheckPattern,
+            Cmd::CheckValue,
+            Cmd::AwaitFill,
+        ] {
             assert_eq!(Cmd::from_raw(c as u32), Some(c));
         }
         assert_eq!(Cmd::from_raw(0), None);

@@ -16,8 +16,10 @@ fuzz_target!(|data: &[u8]| {
     };
     // Keep each run cheap: the builders are linear in the description, but a huge retired-pages
     // list or many GPUs is still valid input.
-    let map = platform.memory_map();
-    assert!(map.carve_outs.len() <= firmware::layout::MAX_SOCKETS);
+    let platform = platform
+        .resolve()
+        .expect("a description that parsed resolves");
+    assert!(platform.map().carve_outs.len() <= firmware::layout::MAX_SOCKETS);
     let boot = BootParams {
         cmdline: "console=ttyAMA0".into(),
         initrd: Some((0x4800_0000, 0x4800_1000)),

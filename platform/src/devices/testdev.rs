@@ -43,8 +43,8 @@ const NAME: &str = "testdev";
 // The register map, commands, status codes and boot pattern are the contract with the
 // in-guest suite: one definition, in gracevm-contract.
 pub use gracevm_contract::testdev::{
-    pattern_word, Cmd, BOOT_MAGIC, DEVICE_ID, STATUS_BAD_REQUEST, STATUS_MISMATCH, STATUS_NONE,
-    STATUS_OK, STATUS_OUTSIDE,
+    pattern_word, Cmd, BOOT_MAGIC, DEVICE_ID, STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_MISMATCH,
+    STATUS_NONE, STATUS_OK, STATUS_OUTSIDE,
 };
 use gracevm_contract::testdev::{
     ACCESS_SIZE, ADDR as PROBE_FIRST, BOOT, ID, LAST as PROBE_LAST, POWER, POWER_OFF_MAGIC,
@@ -63,6 +63,11 @@ pub struct ProbeRegion {
 pub trait MemoryProbe: Send {
     /// Read guest-physical `gpa..gpa+buf.len()` from the VMM's backing; false if unmapped.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
+
+    /// Whether the boot pattern is in place in every probed region (a fill may still run).
+    fn filled(&self) -> bool {
+        true
+    }
 }
 
 /// A decoded register.
@@ -88,6 +93,9 @@ impl Reg {
         }
     }
 }
+
+/// What a check expects of the u64 at `offset` of a region with `seed`, given VAL.
+type Expect = fn(u64, u64, u64) -> u64;
 
 /// Probe state: ADDR, LEN, VAL (lo/hi each), CMD (write-only), STATUS, WHERE lo/hi.
 struct Probe {
@@ -127,11 +135,19 @@ impl Probe {
         let Some(cmd) = Cmd::from_raw(raw) else {
             return STATUS_BAD_REQUEST;
         };
+        // Every command reads what the fill writes; the guest may also just ask about it.
+        if !self.memory.filled() {
+            return STATUS_BUSY;
+        }
         let addr = self.get64(R_ADDR);
-        let len = if cmd == Cmd::Peek {
-            8
-        } else {
-            self.get64(R_LEN)
+        let (len, want): (u64, Option<Expect>) = match cmd {
+            Cmd::AwaitFill => return STATUS_OK,
+            Cmd::Peek => (8, None),
+            Cmd::CheckPattern => (
+                self.get64(R_LEN),
+                Some(|seed, off, _| pattern_word(seed, off)),
+            ),
+            Cmd::CheckValue => (self.get64(R_LEN), Some(|_, _, value| value)),
         };
         if addr % 8 != 0 || len == 0 || len % 8 != 0 {
             return STATUS_BAD_REQUEST;
@@ -147,7 +163,7 @@ impl Probe {
         else {
             return STATUS_OUTSIDE;
         };
-        let want_value = self.get64(R_VAL);
+        let value = self.get64(R_VAL);
         let mut buf = vec![0u8; 64 * 1024];
         let mut done = 0u64;
         while done < len {
@@ -158,15 +174,11 @@ impl Probe {
             for (i, word) in buf[..n].chunks_exact(8).enumerate() {
                 let got = u64::from_le_bytes(word.try_into().expect("8 bytes"));
                 let at = done + 8 * i as u64;
-                let want = match cmd {
-                    Cmd::Peek => {
-                        self.set64(R_VAL, got);
-                        return STATUS_OK;
-                    }
-                    Cmd::CheckPattern => pattern_word(region.seed, addr - region.base + at),
-                    Cmd::CheckValue => want_value,
+                let Some(want) = want else {
+                    self.set64(R_VAL, got);
+                    return STATUS_OK;
                 };
-                if got != want {
+                if got != want(region.seed, addr - region.base + at, value) {
                     self.set64(R_WHERE, at);
                     return STATUS_MISMATCH;
                 }
@@ -502,6 +514,39 @@ mod tests {
         write32(dev, 0x1C, (val >> 32) as u32);
         write32(dev, CMD, cmd as u32);
         read32(dev, STATUS)
+    }
+
+    /// Memory whose fill has finished once the flag is set.
+    struct LazyMemory(FakeMemory, Arc<AtomicBool>);
+
+    impl MemoryProbe for LazyMemory {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+            self.0.read(gpa, buf)
+        }
+
+        fn filled(&self) -> bool {
+            self.1.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn test_probe_commands_busy_until_the_fill_is_done() {
+        let (_, mem) = probed();
+        let done = Arc::new(AtomicBool::new(false));
+        let lazy = LazyMemory(FakeMemory(mem), done.clone());
+        let mut dev = started_a_second_ago().with_probe(vec![REGION], Box::new(lazy));
+        assert_eq!(probe(&mut dev, Cmd::AwaitFill, 0, 0, 0), STATUS_BUSY);
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size, 0),
+            STATUS_BUSY,
+            "no check reads a region being filled"
+        );
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(probe(&mut dev, Cmd::AwaitFill, 0, 0, 0), STATUS_OK);
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size, 0),
+            STATUS_OK
+        );
     }
 
     #[test]

@@ -118,7 +118,28 @@ pub fn report(
     let checkout_id = format!("{ORIGIN}:{source}");
     let flavour = if b.debug { "debug" } else { "plain" };
     let build_id = format!("{checkout_id}:{flavour}");
+    let mut tests = Vec::new();
+    for s in &summary.scenarios {
+        for (i, t) in s.tests.iter().enumerate() {
+            let ids = TestIds {
+                run_id,
+                build_id: &build_id,
+                scenario: &s.name,
+                number: i + 1,
+            };
+            tests.push(test_object(&ids, t, start_time));
+        }
+    }
+    json!({
+        "version": { "major": 5, "minor": 3 },
+        "checkouts": [checkout_object(&b, &checkout_id, kernel_sum)],
+        "builds": [build_object(&b, build.is_some(), &build_id, &checkout_id)],
+        "tests": tests,
+    })
+}
 
+/// The checkout: what tree, commit and series were tested.
+fn checkout_object(b: &BuildInfo, checkout_id: &str, kernel_sum: &str) -> Value {
     let mut checkout = Map::new();
     checkout.insert("id".into(), json!(checkout_id));
     checkout.insert("origin".into(), json!(ORIGIN));
@@ -154,7 +175,11 @@ pub fn report(
             "kernel_image_sha256": kernel_sum,
         }),
     );
+    Value::Object(checkout)
+}
 
+/// The build; `recorded`: the build left a record (a ready Image has none).
+fn build_object(b: &BuildInfo, recorded: bool, build_id: &str, checkout_id: &str) -> Value {
     let mut build_obj = Map::new();
     build_obj.insert("id".into(), json!(build_id));
     build_obj.insert("checkout_id".into(), json!(checkout_id));
@@ -169,7 +194,7 @@ pub fn report(
         format!("allnoconfig+{}", b.config_fragments.join("+"))
     };
     build_obj.insert("config_name".into(), json!(config_name));
-    if build.is_some() {
+    if recorded {
         build_obj.insert("duration".into(), json!(b.duration));
         if !b.start_time.is_empty() {
             build_obj.insert("start_time".into(), json!(b.start_time));
@@ -181,66 +206,56 @@ pub fn report(
         "misc".into(),
         json!({ "debug": b.debug, "release": b.release }),
     );
+    Value::Object(build_obj)
+}
 
-    let mut tests = Vec::new();
-    for s in &summary.scenarios {
-        for (i, t) in s.tests.iter().enumerate() {
-            let mut obj = Map::new();
-            obj.insert(
-                "id".into(),
-                json!(format!(
-                    "{ORIGIN}:{run_id}:{}.{}",
-                    path_part(&s.name),
-                    path_part(&t.name)
-                )),
-            );
-            obj.insert("build_id".into(), json!(build_id));
-            obj.insert("origin".into(), json!(ORIGIN));
-            obj.insert(
-                "path".into(),
-                json!(format!(
-                    "gracevm.{}.{}",
-                    path_part(&s.name),
-                    path_part(&t.name)
-                )),
-            );
-            obj.insert("status".into(), json!(status(t)));
-            obj.insert("start_time".into(), json!(start_time));
-            if let Some(ms) = t.duration_ms {
-                obj.insert("duration".into(), json!(ms as f64 / 1e3));
-            }
-            let mut log = t.reason.clone().unwrap_or_default();
-            for d in &t.diagnostics {
-                log.push('\n');
-                log.push_str(d);
-            }
-            if !log.trim().is_empty() {
-                obj.insert(
-                    "log_excerpt".into(),
-                    json!(excerpt(log.trim(), EXCERPT_MAX)),
-                );
-            }
-            if let Some(reason) = &t.reason {
-                obj.insert("comment".into(), json!(excerpt(reason, 1024)));
-            }
-            obj.insert(
-                "misc".into(),
-                json!({
-                    "scenario": s.name,
-                    "number": i + 1,
-                    "expected_failure": t.result == Verdict::Xfail,
-                    "console_log": format!("{}/console.log", s.name),
-                }),
-            );
-            tests.push(Value::Object(obj));
-        }
+/// Where one test sits: the run, the build, its scenario and its number there (1-based).
+struct TestIds<'a> {
+    run_id: &'a str,
+    build_id: &'a str,
+    scenario: &'a str,
+    number: usize,
+}
+
+fn test_object(ids: &TestIds<'_>, t: &TestResult, start_time: &str) -> Value {
+    let (scenario, name) = (path_part(ids.scenario), path_part(&t.name));
+    let mut obj = Map::new();
+    obj.insert(
+        "id".into(),
+        json!(format!("{ORIGIN}:{}:{scenario}.{name}", ids.run_id)),
+    );
+    obj.insert("build_id".into(), json!(ids.build_id));
+    obj.insert("origin".into(), json!(ORIGIN));
+    obj.insert("path".into(), json!(format!("gracevm.{scenario}.{name}")));
+    obj.insert("status".into(), json!(status(t)));
+    obj.insert("start_time".into(), json!(start_time));
+    if let Some(ms) = t.duration_ms {
+        obj.insert("duration".into(), json!(ms as f64 / 1e3));
     }
-    json!({
-        "version": { "major": 5, "minor": 3 },
-        "checkouts": [Value::Object(checkout)],
-        "builds": [Value::Object(build_obj)],
-        "tests": tests,
-    })
+    let mut log = t.reason.clone().unwrap_or_default();
+    for d in &t.diagnostics {
+        log.push('\n');
+        log.push_str(d);
+    }
+    if !log.trim().is_empty() {
+        obj.insert(
+            "log_excerpt".into(),
+            json!(excerpt(log.trim(), EXCERPT_MAX)),
+        );
+    }
+    if let Some(reason) = &t.reason {
+        obj.insert("comment".into(), json!(excerpt(reason, 1024)));
+    }
+    obj.insert(
+        "misc".into(),
+        json!({
+            "scenario": ids.scenario,
+            "number": ids.number,
+            "expected_failure": t.result == Verdict::Xfail,
+            "console_log": format!("{}/console.log", ids.scenario),
+        }),
+    );
+    Value::Object(obj)
 }
 
 fn short(hash: &str) -> &str {

@@ -19,6 +19,8 @@ fi
 # waits beside the others. Each job writes /stage/status.N when it ends; results and console
 # logs are per scenario under /out, so the order they finish in does not matter.
 parallel=$(cat /stage/parallel 2>/dev/null || echo 1)
+# The host times level 1's boot by this line.
+echo "[gracevm] level-1: up, $parallel job(s) at a time"
 finished() { ls /stage | grep -c '^status\.'; }
 n=0
 while IFS= read -r job <&3; do

@@ -1,5 +1,10 @@
 //! Guest RAM: anonymous host mappings, one KVM memslot each.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context, Result};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -40,23 +45,131 @@ pub fn create(vm: &VmFd, ranges: &[(u64, u64)]) -> Result<GuestMemory> {
     Ok(mem)
 }
 
-/// Fill `size` bytes of guest memory at `base` (one memslot, 8-byte aligned) with `word(offset)`
-/// in every u64, in one pass straight into the host mapping: a 1 GiB carve-out costs seconds
-/// when the VMM itself runs under emulation, so no intermediate buffer.
-pub fn fill_u64(mem: &GuestMemory, base: u64, size: u64, word: impl Fn(u64) -> u64) -> Result<()> {
-    if base % 8 != 0 || size % 8 != 0 {
-        bail!("fill of {base:#x}+{size:#x} is not 8-byte aligned");
+/// One region to fill: `word(seed, offset)` in every u64 of `base..base+size`.
+#[derive(Debug, Clone, Copy)]
+pub struct PatternJob {
+    pub base: u64,
+    pub size: u64,
+    pub seed: u64,
+}
+
+/// Whether the fill has finished (or was abandoned because the run ended).
+#[derive(Debug, Default)]
+pub struct FillGate {
+    done: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl FillGate {
+    /// Whether the fill is over.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
-    let slice = mem
-        .get_slice(GuestAddress(base), size as usize)
-        .with_context(|| format!("{base:#x}+{size:#x} is not one guest memory region"))?;
-    let guard = slice.ptr_guard_mut();
-    let ptr = guard.as_ptr().cast::<u64>();
-    for i in 0..size / 8 {
-        // SAFETY: `ptr..ptr+size` is the host mapping of this guest range (get_slice checked it
-        // lies in one region), 8-byte aligned (mmap is page aligned, base is 8-aligned), and
-        // no vCPU runs yet, so nothing else accesses it; the guard keeps the mapping alive.
-        unsafe { ptr.add(i as usize).write(word(i * 8)) };
+
+    fn open(&self) {
+        self.done.store(true, Ordering::Release);
     }
-    Ok(())
+}
+
+/// The boot pattern of the carve-outs. Filling a 1 GiB carve-out takes seconds when the VMM
+/// itself runs under emulation, so by default it runs on a thread of its own beside the guest's
+/// boot; the guest polls for it (the test device's AwaitFill) before anything may write there.
+/// Dropping it stops the thread and joins it.
+pub struct PatternFill {
+    gate: Arc<FillGate>,
+    thread: Option<JoinHandle<()>>,
+    /// How long the fill took, once it has finished.
+    took: Arc<Mutex<Option<Duration>>>,
+}
+
+impl PatternFill {
+    /// Start filling `jobs` with `word`; `background` false fills before returning.
+    pub fn start(
+        mem: &GuestMemory,
+        jobs: Vec<PatternJob>,
+        word: fn(u64, u64) -> u64,
+        background: bool,
+    ) -> Result<Self> {
+        let mut targets = Vec::new();
+        for j in &jobs {
+            if j.base % 8 != 0 || j.size % 8 != 0 {
+                bail!("fill of {:#x}+{:#x} is not 8-byte aligned", j.base, j.size);
+            }
+            let slice = mem
+                .get_slice(GuestAddress(j.base), j.size as usize)
+                .with_context(|| {
+                    format!("{:#x}+{:#x} is not one guest memory region", j.base, j.size)
+                })?;
+            targets.push((slice.ptr_guard_mut().as_ptr() as usize, *j));
+        }
+        let gate = Arc::new(FillGate::default());
+        let took = Arc::new(Mutex::new(None));
+        let job = {
+            let (gate, took, mem) = (gate.clone(), took.clone(), mem.clone());
+            move || {
+                let started = Instant::now();
+                for (host, j) in targets {
+                    fill_words(host, j, word, &gate.stop, &mem);
+                }
+                *took.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.elapsed());
+                gate.open();
+            }
+        };
+        let thread = if background {
+            let t = std::thread::Builder::new()
+                .name("pattern-fill".into())
+                .spawn(job)
+                .context("spawning the carve-out fill thread")?;
+            Some(t)
+        } else {
+            job();
+            None
+        };
+        Ok(Self { gate, thread, took })
+    }
+
+    pub fn gate(&self) -> Arc<FillGate> {
+        self.gate.clone()
+    }
+
+    /// How long the fill took, if it has finished.
+    pub fn took(&self) -> Option<Duration> {
+        *self.took.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for PatternFill {
+    fn drop(&mut self) {
+        self.gate.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // A guest still polling must not wait for a fill that will never end.
+        self.gate.open();
+    }
+}
+
+/// Write `word(seed, offset)` into every u64 of one job, 2 MiB at a time so a stop is prompt.
+/// `_mem` keeps the mapping alive for as long as the writes run.
+fn fill_words(
+    host: usize,
+    j: PatternJob,
+    word: fn(u64, u64) -> u64,
+    stop: &AtomicBool,
+    _mem: &GuestMemory,
+) {
+    const CHUNK: u64 = 2 << 20;
+    let ptr = host as *mut u64;
+    let mut off = 0;
+    while off < j.size && !stop.load(Ordering::Relaxed) {
+        let end = (off + CHUNK).min(j.size);
+        for at in (off..end).step_by(8) {
+            // SAFETY: `ptr..ptr+size` is the host mapping of this guest range (get_slice checked
+            // it lies in one region, 8-byte aligned as mmap is page aligned and base is
+            // 8-aligned), kept alive by `_mem`. The guest may touch it concurrently (it should
+            // wait for the gate, but need not), so the store is volatile, as vm-memory's are.
+            unsafe { ptr.add((at / 8) as usize).write_volatile(word(j.seed, at)) };
+        }
+        off = end;
+    }
 }

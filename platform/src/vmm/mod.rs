@@ -5,6 +5,7 @@
 
 mod gic;
 mod memory;
+mod running;
 mod stdin;
 mod vcpu;
 
@@ -15,38 +16,30 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{KVM_ARM_IRQ_TYPE_SHIFT, KVM_ARM_IRQ_TYPE_SPI};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::loader::pe::PE;
 use linux_loader::loader::KernelLoader;
 use log::{debug, info, warn};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use firmware::layout::{self, MIB};
-use firmware::BootParams;
+use firmware::{BootParams, MemoryMap, Resolved};
 
 use crate::devices::pl011::Pl011;
 use crate::devices::testdev::{pattern_word, MemoryProbe, ProbeRegion, TestDev};
 use crate::devices::{IrqLine, MmioBus};
 use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
+use crate::vcpu_exit::GuestEvent;
 use crate::{board, guest};
 
-/// What ends a run, as reported by vCPU threads and the console watcher.
-#[derive(Debug)]
-pub enum GuestEvent {
-    PowerOff,
-    Reset,
-    Crash,
-    VcpuFailed(String),
-}
+use running::RunningVm;
 
 /// A sender that also wakes the event loop.
 #[derive(Clone)]
@@ -99,8 +92,60 @@ fn open_kvm() -> Result<Kvm> {
 pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let started = Instant::now();
     let platform = &spec.platform;
-    let ram = platform.boot_ram();
+    let vm = Arc::new(create_vm(platform)?);
+    let map = platform.map();
+    let mem = memory::create(&vm, &memory_ranges(map))?;
+    let background = !spec.interactive && !spec.eager_fill;
+    let (probe_regions, fill) = fill_observable(&mem, map, background)?;
+    let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
+    let _gic = gic::Gic::create(&vm)?;
+    load_guest(&mem, &spec, &vcpus)?;
 
+    let (tx, rx) = channel();
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?);
+    let events = EventSender {
+        tx,
+        wake: wake.clone(),
+    };
+    let probe = GuestProbe {
+        mem: mem.clone(),
+        fill: fill.gate(),
+    };
+    let devices = Devices::create(&vm, map, spec.console, probe_regions, probe, started)?;
+    let vmm_ready = started.elapsed();
+    let running = RunningVm::start(vm, mem, vcpus, devices.bus.clone(), &events)?;
+    info!(
+        "guest started: {} vCPUs, {} MiB RAM, VMM ready in {:.1} ms",
+        platform.vcpus,
+        platform.boot_ram() / MIB,
+        vmm_ready.as_secs_f64() * 1e3
+    );
+    let ends = EndWatch {
+        interactive: spec.interactive,
+        timeout: spec.timeout,
+        watch: &spec.watch,
+        power_off: &devices.power_off,
+    };
+    let end = event_loop(&wake, &rx, devices.uart.clone(), &ends)?;
+    if let Some(took) = fill.took() {
+        info!(
+            "carve-out pattern fill took {:.1} ms",
+            took.as_secs_f64() * 1e3
+        );
+    }
+    // Every vCPU stopped before the boot time is read and the memory goes.
+    drop(running);
+    drop(fill);
+    Ok(RunReport {
+        end,
+        boot_time: devices.boot_time(),
+        vmm_ready,
+        wall: started.elapsed(),
+    })
+}
+
+/// The VM, with the guest physical address size the platform needs.
+fn create_vm(platform: &Resolved) -> Result<VmFd> {
     let kvm = open_kvm()?;
     let limit = kvm.get_host_ipa_limit();
     let vm_type = if limit > 0 {
@@ -113,14 +158,13 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         platform.validate_ipa(40).map_err(|e| anyhow!("{e}"))?;
         0
     };
-    let vm = Arc::new(
-        kvm.create_vm_with_type(vm_type)
-            .context("KVM_CREATE_VM failed")?,
-    );
+    kvm.create_vm_with_type(vm_type)
+        .context("KVM_CREATE_VM failed")
+}
 
-    // Every range of the memory map gets its own memslot: RAM per socket, each EGM carve-out,
-    // each GPU memory aperture.
-    let map = platform.memory_map();
+/// Every range of the memory map gets its own memslot: RAM per socket, each EGM carve-out
+/// (and an isolated retired-pages table's block), each GPU memory aperture.
+fn memory_ranges(map: &MemoryMap) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = map
         .ram
         .iter()
@@ -135,27 +179,14 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     );
     ranges.extend(map.gpus.iter().map(|g| (g.memory.base, g.memory.size)));
     ranges.sort_unstable();
-    let mem = memory::create(&vm, &ranges)?;
-    let probe_regions = fill_observable(&mem, &map)?;
+    ranges
+}
 
-    let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
-    let mpidrs = vcpus.iter().map(vcpu::mpidr).collect::<Result<Vec<_>>>()?;
-    let _gic = gic::Gic::create(&vm)?;
-
-    // Kernel at RAM + 2 MiB, DTB in the top 2 MiB of socket 0 RAM, initrd just below it.
-    let mut kernel = File::open(&spec.kernel)
-        .with_context(|| format!("opening kernel {}", spec.kernel.display()))?;
-    let image_size = arm64_image_size(&mut kernel)?;
-    let loaded = PE::load(
-        &mem,
-        Some(GuestAddress(layout::RAM_BASE + layout::KERNEL_OFFSET)),
-        &mut kernel,
-        None,
-    )
-    .map_err(|e| anyhow!("loading {} as an arm64 Image: {e}", spec.kernel.display()))?;
-    let entry = loaded.kernel_load.0;
-    let kernel_end = (entry + image_size).max(loaded.kernel_end);
-
+/// Load the kernel, the initrd and the firmware, and point the boot vCPU at the kernel.
+/// Kernel at RAM + 2 MiB, DTB in the top 2 MiB of socket 0 RAM, initrd just below it.
+fn load_guest(mem: &memory::GuestMemory, spec: &MachineSpec, vcpus: &[VcpuFd]) -> Result<()> {
+    let (entry, kernel_end) = load_kernel(mem, spec)?;
+    let ram = spec.platform.boot_ram();
     let dtb_addr = layout::dtb_addr(ram);
     let initrd_len = spec.initrd.len() as u64;
     let initrd_start = (dtb_addr - initrd_len) & !0xfff;
@@ -169,18 +200,49 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     }
     mem.write_slice(&spec.initrd, GuestAddress(initrd_start))
         .context("writing the initrd")?;
-
-    let mut rng_seed = [0u8; 32];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut rng_seed))
-        .context("reading /dev/urandom")?;
+    let mpidrs = vcpus.iter().map(vcpu::mpidr).collect::<Result<Vec<_>>>()?;
     let boot = BootParams {
         cmdline: spec.cmdline.clone(),
         initrd: Some((initrd_start, initrd_start + initrd_len)),
         mpidrs,
-        rng_seed,
+        rng_seed: rng_seed()?,
     };
-    let fw = firmware::build(platform, &boot)?;
+    write_firmware(mem, &spec.platform, &boot, dtb_addr)?;
+    vcpu::set_boot_regs(&vcpus[0], entry, dtb_addr)
+}
+
+/// The arm64 Image at RAM + 2 MiB: its entry and the end of what it occupies (BSS included).
+fn load_kernel(mem: &memory::GuestMemory, spec: &MachineSpec) -> Result<(u64, u64)> {
+    let mut kernel = File::open(&spec.kernel)
+        .with_context(|| format!("opening kernel {}", spec.kernel.display()))?;
+    let image_size = arm64_image_size(&mut kernel)?;
+    let loaded = PE::load(
+        mem,
+        Some(GuestAddress(layout::RAM_BASE + layout::KERNEL_OFFSET)),
+        &mut kernel,
+        None,
+    )
+    .map_err(|e| anyhow!("loading {} as an arm64 Image: {e}", spec.kernel.display()))?;
+    let entry = loaded.kernel_load.0;
+    Ok((entry, (entry + image_size).max(loaded.kernel_end)))
+}
+
+fn rng_seed() -> Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .context("reading /dev/urandom")?;
+    Ok(seed)
+}
+
+/// The firmware blob, isolated retired-pages tables and the DTB, where the layout puts them.
+fn write_firmware(
+    mem: &memory::GuestMemory,
+    platform: &Resolved,
+    boot: &BootParams,
+    dtb_addr: u64,
+) -> Result<()> {
+    let fw = firmware::build(platform, boot)?;
     mem.write_slice(&fw.blob, GuestAddress(layout::FIRMWARE_BASE))
         .context("writing the firmware blob")?;
     for (addr, table) in &fw.isolated_tables {
@@ -189,7 +251,6 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     }
     mem.write_slice(&fw.dtb, GuestAddress(dtb_addr))
         .context("writing the DTB")?;
-    vcpu::set_boot_regs(&vcpus[0], entry, dtb_addr)?;
     info!(
         "{} boot: {} ACPI tables, DTB {} bytes{}",
         fw.boot,
@@ -201,117 +262,115 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
             format!(", cmdline + '{}'", fw.extra_cmdline)
         }
     );
+    Ok(())
+}
 
-    // Devices.
-    let (tx, rx) = channel();
-    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?);
-    let events = EventSender {
-        tx,
-        wake: wake.clone(),
-    };
-    let uart = Arc::new(Mutex::new(Pl011::new(
-        Arc::new(SpiLine {
-            vm: vm.clone(),
-            irq: spi_irq(layout::UART_SPI),
-        }),
-        spec.console,
-    )));
-    let testdev = Arc::new(Mutex::new(
-        TestDev::new(started).with_probe(probe_regions, Box::new(GuestProbe(mem.clone()))),
-    ));
-    let mut bus = MmioBus::new();
-    bus.insert(layout::UART_BASE, layout::UART_SIZE, uart.clone())?;
-    bus.insert(layout::TESTDEV_BASE, layout::TESTDEV_SIZE, testdev.clone())?;
-    let pci = board::pci_host(&map)?;
-    if let Some(host) = &pci {
-        for w in host.mmio_windows() {
-            bus.insert(w.base, w.len, w.device)?;
+/// The guest's devices and the MMIO bus the vCPUs reach them through.
+struct Devices {
+    uart: Arc<Mutex<Pl011>>,
+    testdev: Arc<Mutex<TestDev>>,
+    bus: Arc<MmioBus>,
+    /// Raised by the test device when /init asks it to end the run.
+    power_off: Arc<AtomicBool>,
+}
+
+impl Devices {
+    fn create(
+        vm: &Arc<VmFd>,
+        map: &MemoryMap,
+        console: Box<dyn std::io::Write + Send>,
+        probe_regions: Vec<ProbeRegion>,
+        probe: GuestProbe,
+        started: Instant,
+    ) -> Result<Self> {
+        let uart = Arc::new(Mutex::new(Pl011::new(
+            Arc::new(SpiLine {
+                vm: vm.clone(),
+                irq: spi_irq(layout::UART_SPI),
+            }),
+            console,
+        )));
+        let testdev = Arc::new(Mutex::new(
+            TestDev::new(started).with_probe(probe_regions, Box::new(probe)),
+        ));
+        let mut bus = MmioBus::new();
+        bus.insert(layout::UART_BASE, layout::UART_SIZE, uart.clone())?;
+        bus.insert(layout::TESTDEV_BASE, layout::TESTDEV_SIZE, testdev.clone())?;
+        if let Some(host) = board::pci_host(map)? {
+            for w in host.mmio_windows() {
+                bus.insert(w.base, w.len, w.device)?;
+            }
         }
+        let power_off = testdev
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .power_off_flag();
+        Ok(Devices {
+            uart,
+            testdev,
+            bus: Arc::new(bus),
+            power_off,
+        })
     }
-    let bus = Arc::new(bus);
 
-    // vCPU threads are stopped by a flag plus a signal that knocks them out of KVM_RUN.
-    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    register_signal_handler(SIGRTMIN(), kick).context("installing the vCPU kick handler")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let vmm_ready = started.elapsed();
-    let mut threads = Vec::new();
-    for (id, fd) in vcpus.into_iter().enumerate() {
-        let (bus, stop, events) = (bus.clone(), stop.clone(), events.clone());
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run_loop(id as u32, fd, bus, stop, events))
-            .context("spawning a vCPU thread")?;
-        threads.push(handle);
+    /// VMM start to the guest's write to the boot-timer register.
+    fn boot_time(&self) -> Option<Duration> {
+        self.testdev
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .boot_time()
     }
-    info!(
-        "guest started: {} vCPUs, {} MiB RAM, VMM ready in {:.1} ms",
-        platform.vcpus,
-        ram / MIB,
-        vmm_ready.as_secs_f64() * 1e3
-    );
-
-    let power_off = testdev
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .power_off_flag();
-    let end = event_loop(
-        &wake,
-        &rx,
-        uart,
-        spec.interactive,
-        spec.timeout,
-        &spec.watch,
-        &power_off,
-    )?;
-    stop_vcpus(&stop, threads);
-
-    let boot_time = testdev
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .boot_time();
-    Ok(RunReport {
-        end,
-        boot_time,
-        vmm_ready,
-        wall: started.elapsed(),
-    })
 }
 
 /// Fill each carve-out with its boot pattern (so a test can tell "never written" from
-/// "zeroed" from "written by the guest") and list every range the guest may probe.
+/// "zeroed" from "written by the guest"), in the background unless told otherwise, and list
+/// every range the guest may probe.
 fn fill_observable(
     mem: &memory::GuestMemory,
-    map: &firmware::MemoryMap,
-) -> Result<Vec<ProbeRegion>> {
-    let mut regions = Vec::new();
-    for c in &map.carve_outs {
-        let seed = guest::carveout_seed(c.pxm);
-        memory::fill_u64(mem, c.range.base, c.range.size, |off| {
-            pattern_word(seed, off)
-        })
-        .context("filling a carve-out with its boot pattern")?;
-        regions.push(ProbeRegion {
+    map: &MemoryMap,
+    background: bool,
+) -> Result<(Vec<ProbeRegion>, memory::PatternFill)> {
+    let mut regions: Vec<ProbeRegion> = map
+        .carve_outs
+        .iter()
+        .map(|c| ProbeRegion {
             base: c.range.base,
             size: c.range.size,
-            seed,
-        });
-    }
+            seed: guest::carveout_seed(c.pxm),
+        })
+        .collect();
+    let jobs = regions
+        .iter()
+        .map(|r| memory::PatternJob {
+            base: r.base,
+            size: r.size,
+            seed: r.seed,
+        })
+        .collect();
+    let fill = memory::PatternFill::start(mem, jobs, pattern_word, background)
+        .context("filling the carve-outs with their boot pattern")?;
     // GPU memory starts zeroed, as fresh RAM does; it is probed with PEEK/CHECK_VALUE.
     regions.extend(map.gpus.iter().map(|g| ProbeRegion {
         base: g.memory.base,
         size: g.memory.size,
         seed: 0,
     }));
-    Ok(regions)
+    Ok((regions, fill))
 }
 
 /// The test device's view of guest memory: the VMM's own mappings.
-struct GuestProbe(memory::GuestMemory);
+struct GuestProbe {
+    mem: memory::GuestMemory,
+    fill: Arc<memory::FillGate>,
+}
 
 impl MemoryProbe for GuestProbe {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        self.0.read_slice(buf, GuestAddress(gpa)).is_ok()
+        self.mem.read_slice(buf, GuestAddress(gpa)).is_ok()
+    }
+
+    fn filled(&self) -> bool {
+        self.fill.is_done()
     }
 }
 
@@ -339,13 +398,7 @@ impl MutEventSubscriber for Watcher<'_> {
         let _ = self.wake.read();
         while let Ok(ev) = self.rx.try_recv() {
             debug!("guest event {ev:?}");
-            let end = match ev {
-                GuestEvent::PowerOff => GuestEnd::PowerOff,
-                GuestEvent::Reset => GuestEnd::Reset,
-                GuestEvent::Crash => GuestEnd::Crash,
-                GuestEvent::VcpuFailed(msg) => GuestEnd::VmmFailure(msg),
-            };
-            self.end.borrow_mut().get_or_insert(end);
+            self.end.borrow_mut().get_or_insert(GuestEnd::from(ev));
         }
     }
 
@@ -356,16 +409,23 @@ impl MutEventSubscriber for Watcher<'_> {
     }
 }
 
+/// What else ends a run, besides the vCPUs' events.
+struct EndWatch<'a> {
+    /// Host stdin feeds the UART (and its escape ends the run).
+    interactive: bool,
+    timeout: Option<Duration>,
+    watch: &'a Watch,
+    /// The test device's power-off request.
+    power_off: &'a AtomicBool,
+}
+
 fn event_loop(
     wake: &EventFd,
     rx: &Receiver<GuestEvent>,
     uart: Arc<Mutex<Pl011>>,
-    interactive: bool,
-    timeout: Option<Duration>,
-    watch: &Watch,
-    power_off: &AtomicBool,
+    ends: &EndWatch<'_>,
 ) -> Result<GuestEnd> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = ends.timeout.map(|t| Instant::now() + t);
     let mut manager: EventManager<Box<dyn MutEventSubscriber + '_>> =
         EventManager::new().context("creating the event manager")?;
     let end = Rc::new(RefCell::new(None));
@@ -374,7 +434,7 @@ fn event_loop(
         rx,
         end: end.clone(),
     }));
-    let input = if interactive {
+    let input = if ends.interactive {
         let s = stdin::Stdin::new(uart)?;
         let quit = s.quit_flag();
         manager.add_subscriber(Box::new(s));
@@ -387,7 +447,7 @@ fn event_loop(
         manager.run_with_timeout(100).context("event loop")?;
         // A panic on the console outranks the reset `panic=-1` makes right after it, and
         // ends the run even when the kernel is left spinning.
-        if watch.panicked.load(Ordering::Acquire) {
+        if ends.watch.panicked.load(Ordering::Acquire) {
             return Ok(GuestEnd::Panic);
         }
         if let Some(end) = end.borrow_mut().take() {
@@ -395,42 +455,17 @@ fn event_loop(
         }
         // The guest's kernel could not shut down (an oops left a lock held): /init asked the
         // test device instead.
-        if power_off.load(Ordering::Acquire) {
+        if ends.power_off.load(Ordering::Acquire) {
             return Ok(GuestEnd::PowerOff);
         }
         if input.as_ref().is_some_and(|q| q.load(Ordering::Acquire)) {
             return Ok(GuestEnd::Interrupted);
         }
-        if watch.interrupted.load(Ordering::Acquire) {
+        if ends.watch.interrupted.load(Ordering::Acquire) {
             return Ok(GuestEnd::Interrupted);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(GuestEnd::Timeout);
         }
-    }
-}
-
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::Release);
-    let give_up = Instant::now() + Duration::from_secs(2);
-    loop {
-        let running: Vec<&JoinHandle<()>> = threads.iter().filter(|t| !t.is_finished()).collect();
-        if running.is_empty() {
-            break;
-        }
-        if Instant::now() > give_up {
-            warn!(
-                "{} vCPU thread(s) did not stop; exiting anyway",
-                running.len()
-            );
-            return;
-        }
-        for t in running {
-            let _ = t.kill(SIGRTMIN());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    for t in threads {
-        let _ = t.join();
     }
 }

@@ -1,11 +1,10 @@
 //! vCPU creation, boot registers and the run loop of one vCPU thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use kvm_bindings::{
-    kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64,
+    kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_EXIT_ARM_NISV, KVM_REG_ARM64,
     KVM_REG_ARM64_SYSREG, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -13,7 +12,11 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use log::{debug, warn};
 
 use crate::devices::MmioBus;
-use crate::vmm::{EventSender, GuestEvent};
+use crate::vcpu_exit::{
+    classify, Exit, Next, EXIT_ARM_NISV, SYSTEM_EVENT_CRASH, SYSTEM_EVENT_RESET,
+    SYSTEM_EVENT_SHUTDOWN,
+};
+use crate::vmm::EventSender;
 
 /// Offsets in `struct kvm_regs` (arch/arm64/include/uapi/asm/kvm.h): x0..x30, sp, pc, pstate.
 const CORE_X0: u64 = 0;
@@ -73,57 +76,78 @@ pub fn set_boot_regs(vcpu: &VcpuFd, entry: u64, dtb: u64) -> Result<()> {
     set(CORE_X0, dtb)
 }
 
-/// Run one vCPU until the guest ends the machine or the VMM asks it to stop.
+/// Run one vCPU until the guest ends the machine, its run fails, or the VMM asks it to stop.
+/// The end is sent to the event loop; a stop request is not (the loop asked for it).
 pub fn run_loop(
     id: u32,
-    mut vcpu: VcpuFd,
-    bus: Arc<MmioBus>,
-    stop: Arc<AtomicBool>,
-    events: EventSender,
+    vcpu: &mut VcpuFd,
+    bus: &MmioBus,
+    stop: &AtomicBool,
+    events: &EventSender,
 ) {
     let mut unhandled = 0u64;
     while !stop.load(Ordering::Acquire) {
-        match vcpu.run() {
+        let exit = match vcpu.run() {
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !bus.read(addr, data) {
                     unhandled += 1;
                     note_unhandled(id, "read", addr, data.len(), unhandled);
                 }
+                continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if !bus.write(addr, data) {
                     unhandled += 1;
                     note_unhandled(id, "write", addr, data.len(), unhandled);
                 }
+                continue;
             }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                let ev = match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => GuestEvent::PowerOff,
-                    KVM_SYSTEM_EVENT_RESET => GuestEvent::Reset,
-                    KVM_SYSTEM_EVENT_CRASH => GuestEvent::Crash,
-                    other => {
-                        debug!("vCPU {id}: ignoring system event {other}");
-                        continue;
-                    }
-                };
+            Ok(other) => exit_of(other),
+            Err(e) => Exit::Error(e.errno()),
+        };
+        match classify(id, &exit) {
+            Next::Continue => {
+                // A kick set immediate_exit so a stop cannot slip in before KVM_RUN; the
+                // loop's condition decides now, and the next KVM_RUN must really run.
+                if exit == Exit::Error(libc::EINTR) || exit == Exit::Intr {
+                    vcpu.set_kvm_immediate_exit(0);
+                }
+                if let Exit::SystemEvent(kind) = exit {
+                    debug!("vCPU {id}: ignoring system event {kind}");
+                }
+            }
+            Next::End(ev) => {
                 let _ = events.send(ev);
-                return;
-            }
-            Ok(VcpuExit::Intr) => {}
-            Ok(other) => {
-                let _ = events.send(GuestEvent::VcpuFailed(format!(
-                    "vCPU {id}: unexpected exit {other:?}"
-                )));
-                return;
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => {
-                let _ = events.send(GuestEvent::VcpuFailed(format!("vCPU {id}: KVM_RUN: {e}")));
                 return;
             }
         }
     }
 }
+
+/// kvm-ioctls' exit as the run decides on it (see [`crate::vcpu_exit`]).
+fn exit_of(exit: VcpuExit<'_>) -> Exit {
+    match exit {
+        VcpuExit::SystemEvent(kind, _) => Exit::SystemEvent(kind),
+        VcpuExit::Intr => Exit::Intr,
+        VcpuExit::Hypercall(h) => Exit::Hypercall(h.nr),
+        VcpuExit::Unsupported(reason) => Exit::Other {
+            name: format!("Unsupported({reason})"),
+            reason: Some(reason),
+        },
+        other => Exit::Other {
+            name: format!("{other:?}"),
+            reason: None,
+        },
+    }
+}
+
+// The host-neutral classification names KVM's constants by value.
+const _: () = assert!(
+    SYSTEM_EVENT_SHUTDOWN == KVM_SYSTEM_EVENT_SHUTDOWN
+        && SYSTEM_EVENT_RESET == KVM_SYSTEM_EVENT_RESET
+        && SYSTEM_EVENT_CRASH == KVM_SYSTEM_EVENT_CRASH
+        && EXIT_ARM_NISV == KVM_EXIT_ARM_NISV
+);
 
 /// A guest touching an address with no device is logged and otherwise ignored (reads see 0);
 /// the log is thinned out so a misbehaving guest cannot flood it.

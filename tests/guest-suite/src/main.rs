@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use gracevm_contract::protocol;
 use guest_suite::registry::{self, Test};
-use guest_suite::{env, runner, suites};
+use guest_suite::{env, runner, suites, testdev};
 
 const USAGE: &str = "usage: gracevm-suite [--list] [--selftest] [NAME...]
   --list      print the test names and exit
@@ -65,6 +65,13 @@ fn main() -> ExitCode {
             println!("{}", test.name);
         }
         return ExitCode::SUCCESS;
+    }
+    // Opening /dev/egm zeroes a region: the VMM's boot pattern must be in place first, or the
+    // fill would overwrite what the driver wrote. No test device (not under gracevm): no fill.
+    if let Ok(dev) = testdev::TestDev::from_env(&env) {
+        if let Err(why) = dev.await_fill() {
+            eprintln!("gracevm-suite: waiting for the carve-out fill: {why}");
+        }
     }
     let warnings = env.warnings;
     let totals = runner::run_all(&tests, &warnings);

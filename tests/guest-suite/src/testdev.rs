@@ -20,6 +20,7 @@
 //! sure the probe is live.
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use gracevm_contract::testdev;
 
@@ -30,6 +31,9 @@ use crate::outcome::Outcome;
 
 /// Size of the register page.
 pub const PAGE_LEN: usize = testdev::WINDOW_LEN as usize;
+/// How long a command keeps asking while the VMM fills the carve-outs (four 1 GiB regions
+/// under nested emulation on a loaded host take tens of seconds).
+const FILL_PATIENCE: Duration = Duration::from_secs(180);
 
 // The register map and commands are the contract with the VMM (gracevm-contract).
 pub use gracevm_contract::testdev::{Cmd, DEVICE_ID};
@@ -157,8 +161,23 @@ impl<R: Registers> TestDev<R> {
                 self.base
             ));
         }
-        self.regs.write32(CMD, cmd as u32);
-        Ok(match self.regs.read32(STATUS) {
+        // While the VMM still fills the carve-outs, every command answers BUSY at once.
+        let patience = Instant::now();
+        let status = loop {
+            self.regs.write32(CMD, cmd as u32);
+            let status = self.regs.read32(STATUS);
+            if status != testdev::STATUS_BUSY {
+                break status;
+            }
+            if patience.elapsed() > FILL_PATIENCE {
+                return Err(format!(
+                    "the VMM still fills the carve-outs after {} s",
+                    FILL_PATIENCE.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(match status {
             testdev::STATUS_OK => Status::Ok,
             testdev::STATUS_MISMATCH => Status::Mismatch {
                 at: self.read64(WHERE),
@@ -168,6 +187,15 @@ impl<R: Registers> TestDev<R> {
             testdev::STATUS_NONE => Status::None,
             raw => Status::Unknown(raw),
         })
+    }
+
+    /// Returns once the VMM has put the boot pattern in every probed region (it may fill the
+    /// carve-outs while the guest boots).
+    pub fn await_fill(&self) -> Result<(), String> {
+        match self.command(Cmd::AwaitFill, 0, 0, 0)? {
+            Status::Ok => Ok(()),
+            other => Err(format!("AWAIT_FILL answered {other:?}")),
+        }
     }
 
     /// The u64 the VMM sees at guest physical `gpa` (8-byte aligned).

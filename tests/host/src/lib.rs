@@ -54,7 +54,8 @@ pub fn write(platform: &Platform) -> Written {
     let mut boot = BootParams::example(platform.vcpus);
     boot.initrd = Some((0x4800_0000, 0x4810_0000));
     boot.cmdline = "console=ttyAMA0 rdinit=/init".into();
-    let files = firmware::write_dir(platform, &boot, dir.path()).expect("firmware builds");
+    let platform = platform.resolve().expect("the platform resolves");
+    let files = firmware::write_dir(&platform, &boot, dir.path()).expect("firmware builds");
     Written { dir, files }
 }
 

@@ -142,7 +142,7 @@ fn test_iasl_flags_a_corrupted_table() {
 #[test]
 fn test_dsdt_gpu_dsd_properties_and_values() {
     let p = platform(RICH);
-    let map = p.memory_map();
+    let map = p.resolve().unwrap().map().clone();
     let w = write(&p);
     let d = iasl_disassemble(&w.path("DSDT.dat"));
     d.assert_clean();

@@ -1,7 +1,7 @@
 //! One test per platform-description error: each invalid description is refused with a
 //! message that names the offending value, and nothing is built from it.
 
-use firmware::{BootParams, Platform};
+use firmware::Platform;
 
 /// Parse `toml`, expect it refused, and return the message.
 fn refused(toml: &str) -> String {
@@ -60,7 +60,10 @@ fn test_description_zero_sizes_refused() {
 #[test]
 fn test_description_beyond_host_ipa_limit_refused() {
     // validate_ipa is what the VMM calls with KVM's limit.
-    let p = Platform::from_toml(&format!("{EGM}base = \"0x40000000000\""), "t").unwrap();
+    let p = Platform::from_toml(&format!("{EGM}base = \"0x40000000000\""), "t")
+        .unwrap()
+        .resolve()
+        .unwrap();
     assert_eq!(p.required_ipa_bits(), 43);
     p.validate_ipa(48).unwrap();
     let e = p.validate_ipa(40).unwrap_err();
@@ -138,8 +141,7 @@ fn test_description_unknown_keys_refused() {
 fn test_description_invalid_platform_builds_nothing() {
     let mut p = Platform::default();
     p.sockets[0].egm.as_mut().unwrap().size = firmware::Size(0);
-    assert!(firmware::build(&p, &BootParams::example(1)).is_err());
-    let dir = tempfile::tempdir().unwrap();
-    assert!(firmware::write_dir(&p, &BootParams::example(1), dir.path()).is_err());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // Firmware is built only from a resolved platform, and this one does not resolve.
+    let e = p.resolve().unwrap_err();
+    assert!(e.contains("egm size = 0"), "{e}");
 }

@@ -127,7 +127,7 @@ fn test_dt_mode_pcie_host_and_gpu_nodes() {
         zero_properties = [{GPU_MEM_SIZE:?}]
         "#
     )));
-    let map = p.memory_map();
+    let map = p.resolve().unwrap().map().clone();
     let d = decompile(&p);
     let pcie = d.root.node("/pcie@3f000000");
     assert_eq!(pcie.strings("compatible"), ["pci-host-ecam-generic"]);
@@ -207,7 +207,7 @@ fn test_dt_mode_memory_excludes_carve_outs_and_gpu_memory() {
         mem_size = "1G"
         "#,
     ));
-    let map = p.memory_map();
+    let map = p.resolve().unwrap().map().clone();
     let d = decompile(&p);
     let mems: Vec<_> = d
         .root
@@ -265,7 +265,7 @@ fn test_dt_mode_without_gpu_has_no_pcie_node() {
 #[test]
 fn test_acpi_mode_dtb_holds_only_chosen_with_the_efi_handoff() {
     let p = Platform::default();
-    let fw = firmware::build(&p, &firmware::BootParams::example(1)).unwrap();
+    let fw = firmware::build(&p.resolve().unwrap(), &firmware::BootParams::example(1)).unwrap();
     let d = decompile(&p);
     assert_eq!(d.root.child_names(), ["chosen"], "ACPI needs a stub DT");
     let chosen = d.root.node("/chosen");
