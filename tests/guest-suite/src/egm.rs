@@ -290,20 +290,25 @@ pub fn has_all_properties(gpu: &Gpu) -> bool {
     .all(|name| gpu.prop(name).is_some_and(|v| v != 0 || *name == EGM_PXM))
 }
 
-/// One EGM region (one `/dev/egm<pxm>`) the drivers should create.
+/// One EGM region (one `/dev/egm<pxm>`) the drivers should create: the properties of the
+/// first GPU (in env order) with its PXM, as v2 keeps the first probe's values (read through
+/// `Deref`: `region.base`), and who shares it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgmRegion {
-    pub pxm: u64,
-    /// Region information of the first GPU (in env order) with this PXM: v2 keeps the first
-    /// probe's values.
-    pub base: u64,
-    pub size: u64,
-    pub retired_base: u64,
+    pub props: EgmProps,
     /// BDFs of the GPUs sharing the region, in env order.
     pub gpus: Vec<String>,
     /// The carve-out with exactly this base and size: only then is the region safe to open
     /// (the driver zeroes `[base, base + size)` on open).
     pub carveout: Option<Carveout>,
+}
+
+impl std::ops::Deref for EgmRegion {
+    type Target = EgmProps;
+
+    fn deref(&self) -> &EgmProps {
+        &self.props
+    }
 }
 
 impl fmt::Display for EgmRegion {
@@ -329,10 +334,7 @@ pub fn plan_regions(gpus: &[Gpu], carveouts: &[Carveout]) -> Vec<EgmRegion> {
         match regions.iter_mut().find(|r| r.pxm == props.pxm) {
             Some(region) => region.gpus.push(gpu.bdf.clone()),
             None => regions.push(EgmRegion {
-                pxm: props.pxm,
-                base: props.base,
-                size: props.size,
-                retired_base: props.retired_base,
+                props,
                 gpus: vec![gpu.bdf.clone()],
                 carveout: carveouts
                     .iter()
