@@ -195,8 +195,9 @@ pub fn printk_stamp_at(line: &str) -> Option<usize> {
 
 /// The kind of report `line` starts, if it is a report header.
 pub fn classify(line: &str) -> Option<Kind> {
-    // Judged on what a report keeps of its header (the first LINE_MAX bytes).
-    let s = head_of(strip_prefix(line));
+    // Judged on what a report keeps of its header (the first LINE_MAX bytes, trimmed), so a
+    // kept header classifies as its line did.
+    let s = head_of(strip_prefix(line)).trim_end();
     if s.starts_with("Kernel panic - not syncing") {
         return Some(Kind::Panic);
     }
@@ -341,7 +342,7 @@ fn head_of(text: &str) -> &str {
 }
 
 fn bounded(text: &str) -> String {
-    head_of(text).to_string()
+    head_of(text).trim_end().to_string()
 }
 
 fn push_bounded(lines: &mut Vec<String>, text: &str) {
@@ -585,6 +586,19 @@ mod tests {
         let reports = scan(&text);
         assert_eq!(reports[0].lines.len(), REPORT_LINES);
         assert!(reports[0].lines.iter().all(|l| l.len() <= LINE_MAX));
+    }
+
+    #[test]
+    fn test_header_cut_after_a_space_still_classifies() {
+        // Found by fuzzing: a SLUB-style header whose "): " ends exactly at the cut; the kept
+        // header lost the trailing space and no longer classified as the line had.
+        let line = format!("BUG {}): {}", "x".repeat(LINE_MAX - 7), "y".repeat(40));
+        assert_eq!(classify(&line), None, "judged on the kept, trimmed part");
+        let line = format!("BUG {}): {}", "x".repeat(LINE_MAX - 8), "y".repeat(40));
+        assert_eq!(classify(&line), Some(Kind::Bug));
+        for r in scan(&line) {
+            assert_eq!(classify(r.header()), Some(r.kind));
+        }
     }
 
     #[test]
