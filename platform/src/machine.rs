@@ -32,8 +32,8 @@ pub struct MachineSpec {
     pub console: Box<dyn Write + Send>,
     /// Feed host stdin to the UART.
     pub interactive: bool,
-    /// Fill the carve-outs before the guest starts (always so when interactive: no suite
-    /// waits for a background fill there).
+    /// Fill the carve-outs before the guest starts, rather than beside its boot (which only
+    /// a guest that waits for the fill, the suite, may have).
     pub eager_fill: bool,
     pub timeout: Option<Duration>,
     pub watch: Arc<Watch>,

@@ -14,7 +14,7 @@ export TMPDIR="$(cd "$out" && pwd)/tmp"
 mkdir -p "$TMPDIR"
 n=0
 failed=0
-total=5
+total=6
 
 leftovers() {
     pgrep -af "$TMPDIR/gracevm-stage" | grep -v pgrep || true
@@ -59,6 +59,11 @@ check kernel_panic 3 90 -- "$gracevm" test --append "rdinit=/nonexistent" --time
 
 # A guest that never powers off is killed at its timeout.
 check guest_timeout 4 150 -- "$gracevm" run --cmd "sleep 100000" --timeout 15 --out "$out/timeout"
+
+# A guest fault (an MMIO read the VMM cannot decode: a load pair, no syndrome) ends the run
+# at once with the panic status, as on the direct route; never a VMM failure or a timeout.
+check guest_fault 3 90 -- "$gracevm" run --cmd "/bin/gracevm-suite --mmio-without-syndrome" \
+    --timeout 240 --out "$out/fault"
 
 # Bad input: one clear message, nothing runs.
 check missing_kernel 2 5 -- "$gracevm" test --kernel /nonexistent/Image --out "$out/missing"

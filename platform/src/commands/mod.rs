@@ -53,7 +53,9 @@ pub fn boot_direct(g: &Resolved, b: DirectBoot<'_>) -> Result<RunReport> {
         cmdline: guest::cmdline(&g.args.append),
         console: b.console,
         interactive: b.interactive,
-        eager_fill: g.args.eager_fill,
+        // Only the suite waits for a fill running beside the boot; a shell or a command may
+        // open /dev/egm before it ends.
+        eager_fill: g.args.eager_fill || !matches!(b.mode, Mode::Test(_)),
         timeout: b.timeout,
         watch: b.watch,
     };

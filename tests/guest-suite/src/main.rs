@@ -10,9 +10,12 @@ use gracevm_contract::protocol;
 use guest_suite::registry::{self, Test};
 use guest_suite::{env, runner, suites, testdev};
 
-const USAGE: &str = "usage: gracevm-suite [--list] [--selftest] [NAME...]
+const USAGE: &str = "usage: gracevm-suite [--list] [--selftest] [--mmio-without-syndrome] [NAME...]
   --list      print the test names and exit
   --selftest  run the harness self-tests instead of the guest tests
+  --mmio-without-syndrome
+              read the test device with one load-pair instruction (the hypervisor gets no
+              syndrome): the VMM must end the run as a guest fault (harness check)
   NAME...     run only these tests";
 
 fn main() -> ExitCode {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
         match arg.as_str() {
             "--list" => list = true,
             "--selftest" => tests = suites::selftests(),
+            "--mmio-without-syndrome" => return mmio_without_syndrome(),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -79,6 +83,22 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Harness check of the VMM (tests/e2e/exit-status.sh): an MMIO read it cannot decode.
+fn mmio_without_syndrome() -> ExitCode {
+    let env = env::GuestEnv::load();
+    match testdev::TestDev::from_env(&env) {
+        Ok(dev) => {
+            let (a, b) = dev.read_pair(0);
+            eprintln!("gracevm-suite: the load pair returned {a:#x} {b:#x}: the VMM let it pass");
+            ExitCode::FAILURE
+        }
+        Err(why) => {
+            eprintln!("gracevm-suite: no test device: {why:?}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -194,6 +194,29 @@ impl Mapping {
         unsafe { ptr.write_volatile(value) }
     }
 
+    /// The two u64 at byte `offset` (16-byte aligned) in one load-pair instruction: an access
+    /// that gives the hypervisor no instruction syndrome when it traps (MMIO), so the VMM must
+    /// report a guest fault. Elsewhere than aarch64, two loads.
+    pub fn read_pair(&self, offset: usize) -> (u64, u64) {
+        let ptr = self.at(offset, 16, false).cast::<u64>();
+        #[cfg(target_arch = "aarch64")]
+        {
+            let (a, b): (u64, u64);
+            // SAFETY: 16 bytes in bounds and aligned (checked by `at`), in a mapping that lives
+            // as long as self; ldp only reads them.
+            unsafe {
+                std::arch::asm!("ldp {a}, {b}, [{p}]", p = in(reg) ptr, a = out(reg) a,
+                    b = out(reg) b, options(nostack, readonly));
+            }
+            (a, b)
+        }
+        #[cfg(not(target_arch = "aarch64"))]
+        // SAFETY: as above; two volatile loads.
+        unsafe {
+            (ptr.read_volatile(), ptr.add(1).read_volatile())
+        }
+    }
+
     /// `mremap` to `new_len` (`may_move`: MREMAP_MAYMOVE); on success the mapping is the new
     /// one.
     pub fn remap(&mut self, new_len: usize, may_move: bool) -> std::io::Result<()> {

@@ -101,6 +101,12 @@ pub struct TestDev<R = Mapping> {
 }
 
 impl TestDev<Mapping> {
+    /// The first 16 bytes of the register page in one load-pair instruction (see
+    /// [`Mapping::read_pair`]): the VMM must treat it as a guest fault.
+    pub fn read_pair(&self, offset: usize) -> (u64, u64) {
+        self.regs.read_pair(offset)
+    }
+
     /// Maps the device page at guest physical `base` and checks its ID.
     pub fn open(base: u64) -> Result<TestDev, String> {
         let regs = devmem::map(base, PAGE_LEN, Access::ReadWrite)?;
