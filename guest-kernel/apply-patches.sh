@@ -86,9 +86,10 @@ else
     git mailsplit -o"$work/split" "$series" >/dev/null || die "$series is not an mbox"
 fi
 mapfile -t patches < <(ls "$work/split" | sort)
-# Drop a cover letter (a message without a diff).
+# Drop a cover letter (a message without a diff: no hunk; its diffstat does not count). A
+# patch made with plain `diff -u` has hunks but no `diff --git` line, and is kept.
 for p in "${patches[@]}"; do
-    grep -q '^diff --git ' "$work/split/$p" || rm -f "$work/split/$p"
+    grep -q '^@@ -[0-9]' "$work/split/$p" || rm -f "$work/split/$p"
 done
 mapfile -t patches < <(ls "$work/split" | sort)
 [ ${#patches[@]} -gt 0 ] || die "no patch with a diff in $series"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Host test of guest-kernel/apply-patches.sh on a tiny synthetic tree: a clean patch, a patch
 # that needs fuzz (git am refuses it, patch -p1 takes it), a cover letter to skip, a plain
-# mail without an mbox separator, a series that cannot apply (must fail naming the patch and
+# mail without an mbox separator, a plain `diff -u` patch, a series that cannot apply (must fail naming the patch and
 # leave the tree on base), switching back to base, and a second series as its own branch.
 # Prints KTAP; exits 1 on a failed check.
 set -u
@@ -55,8 +55,12 @@ mkpatch "$t/broken/0001-impossible.patch" "[PATCH] impossible" "diff --git a/dri
 mkdir -p "$t/mail"
 printf 'From: Dev <dev@example.org>\nSubject: [PATCH] mail\nDate: Mon, 23 Feb 2026 15:55:14 +0000\n\n---\ndiff --git a/drivers/a.c b/drivers/a.c\n--- a/drivers/a.c\n+++ b/drivers/a.c\n@@ -7,1 +7,2 @@\n seven\n+eight\n' > "$t/mail/0001.patch"
 
+# A patch made with plain `diff -u` (no `diff --git` line): a patch, not a cover letter.
+mkdir -p "$t/plain"
+printf 'From: Dev <dev@example.org>\nSubject: [PATCH] plain diff\n\n---\n--- a/drivers/a.c\n+++ b/drivers/a.c\n@@ -1,1 +1,2 @@\n one\n+one-plain\n' > "$t/plain/0001.patch"
+
 echo "KTAP version 1"
-echo "1..8"
+echo "1..9"
 if "$apply" "$t/src" "$t/series" > "$t/log" 2>&1; then ok applies_series; else bad applies_series "$(cat "$t/log")"; fi
 if grep -qx 'one-and-a-half' "$t/src/drivers/a.c" && grep -qx 'six-and-a-half' "$t/src/drivers/a.c"; then
     ok both_hunks_present
@@ -87,6 +91,11 @@ if "$apply" "$t/src" "$t/mail" > "$t/log5" 2>&1 && grep -qx 'eight' "$t/src/driv
     ok plain_mail_is_own_branch
 else
     bad plain_mail_is_own_branch "$(cat "$t/log5")"
+fi
+if "$apply" "$t/src" "$t/plain" > "$t/log7" 2>&1 && grep -qx 'one-plain' "$t/src/drivers/a.c"; then
+    ok plain_diff_is_a_patch
+else
+    bad plain_diff_is_a_patch "$(cat "$t/log7")"
 fi
 echo local > "$t/src/drivers/a.c"
 if "$apply" "$t/src" > "$t/log6" 2>&1; then
