@@ -92,6 +92,21 @@ impl Resolved {
         self.args.timeout.or(default).map(Duration::from_secs)
     }
 
+    /// What a test run of this guest may take: the timeout, stretched for platforms with more
+    /// than 2 GiB of EGM carve-outs (opening a region zeroes it, and the suite opens each one
+    /// several times), by their size over 2 GiB.
+    pub fn test_timeout(&self, default: u64) -> Option<Duration> {
+        let carved: u64 = self
+            .platform
+            .map()
+            .carve_outs
+            .iter()
+            .map(|c| c.range.size)
+            .sum();
+        let factor = (carved as f64 / (2u64 << 30) as f64).max(1.0);
+        self.timeout(Some(default)).map(|t| t.mul_f64(factor))
+    }
+
     pub fn level1(&self) -> Result<Level1> {
         let l = &self.args.level1;
         let need = |p: &Option<PathBuf>, what: &str, how: &str| {
