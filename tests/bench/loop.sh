@@ -74,6 +74,7 @@ make_series() {
     { cat "$a/a/$file"; printf '%s\n' "$line"; } > "$a/b/$file"
     {
         printf 'From: gracevm bench <bench@localhost>\nSubject: [PATCH] bench: %s\n\n---\n' "$line"
+        printf 'diff --git a/%s b/%s\n' "$file" "$file"
         (cd "$a" && diff -u "a/$file" "b/$file" || true)
     } > "$dir/0001-bench.patch"
 }
@@ -146,10 +147,10 @@ phase_edit() {
         rm -rf "$edited"
         mkdir -p "$edited"
         cp "$series"/* "$edited/" 2>/dev/null || cp "$series" "$edited/0000-series.mbox"
-        # The edit goes on top of the series as the tree now has it.
-        make -s -C "$repo" --no-print-directory kernel PATCHES="$series" > /dev/null 2>&1
+        # The edit goes on top of the series (its branch, which the series phase made).
         make_series "$edited/x" drivers/vfio/pci/nvgrace-gpu/main.c \
-            "/* gracevm bench edit $mode $(date +%s%N) */" HEAD
+            "/* gracevm bench edit $mode $(date +%s%N) */" \
+            "$("$repo/guest-kernel/apply-patches.sh" --branch-of "$series")"
         mv "$edited/x/0001-bench.patch" "$edited/9999-edit.patch"
         rmdir "$edited/x"
         key=$(make -s -C "$repo" --no-print-directory PATCHES="$edited" print-guest-kbuild)
@@ -159,7 +160,7 @@ phase_edit() {
         timed "edit.$mode.verdict_s" "$out/edit-$mode-e2e.log" e2e PATCHES="$edited" \
             SCENARIO="$scenario" OUT="$out/edit-$mode-e2e"
         record "edit.$mode.one_scenario_s" "$(awk -F'\t' -v b="edit.$mode.build_s" -v v="edit.$mode.verdict_s" \
-            '$1==b{x=$2} $1==v{y=$2} END{print x+y}' "$figures")" "${mode/after/target <= 60}"
+            '$1==b{x=$2} $1==v{y=$2} END{print x+y}' "$figures")" "$([ $mode = before ] || echo 'target <= 60')"
         rm -rf "$key"
     done
 }
