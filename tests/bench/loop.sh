@@ -147,7 +147,8 @@ phase_edit() {
         rm -rf "$edited"
         mkdir -p "$edited"
         cp "$series"/* "$edited/" 2>/dev/null || cp "$series" "$edited/0000-series.mbox"
-        # The edit goes on top of the series (its branch, which the series phase made).
+        # The edit goes on top of the series: its branch (made, and built, here if need be).
+        make -s -C "$repo" --no-print-directory kernel PATCHES="$series" > /dev/null 2>&1
         make_series "$edited/x" drivers/vfio/pci/nvgrace-gpu/main.c \
             "/* gracevm bench edit $mode $(date +%s%N) */" \
             "$("$repo/guest-kernel/apply-patches.sh" --branch-of "$series")"
