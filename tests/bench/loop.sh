@@ -68,7 +68,6 @@ make_series() {
     src=$cache/src/linux-source-$(make -s -C "$repo" --no-print-directory print-kver)
     mkdir -p "$dir"
     a=$(mktemp -d)
-    trap 'rm -rf "$a"' RETURN
     mkdir -p "$a/a/$(dirname "$file")" "$a/b/$(dirname "$file")"
     git -C "$src" show "$rev:$file" > "$a/a/$file"
     { cat "$a/a/$file"; printf '%s\n' "$line"; } > "$a/b/$file"
@@ -77,6 +76,7 @@ make_series() {
         printf 'diff --git a/%s b/%s\n' "$file" "$file"
         (cd "$a" && diff -u "a/$file" "b/$file" || true)
     } > "$dir/0001-bench.patch"
+    rm -rf "$a"
 }
 
 phase_boot() {
