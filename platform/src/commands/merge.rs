@@ -37,13 +37,7 @@ pub fn merge(runs: &[PathBuf], out: &Path) -> Result<i32> {
         kcidb::write(out, &kcidb::merge(&reports))?;
     }
     print!("{}", summary.ktap());
-    let c = &summary.counts;
-    eprintln!(
-        "summary: {} passed, {} failed, {} skipped",
-        c.pass,
-        c.fail,
-        c.skip + c.xfail
-    );
+    eprintln!("{}", summary.closing_line());
     Ok(summary.exit_code)
 }
 

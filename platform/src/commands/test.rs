@@ -90,15 +90,8 @@ fn test(
     }
     print!("{}", summary.ktap());
     let _ = std::io::stdout().flush();
-    let c = &summary.counts;
     info!("results in {}", out.display());
-    // The plain closing line CI systems read.
-    eprintln!(
-        "summary: {} passed, {} failed, {} skipped",
-        c.pass,
-        c.fail,
-        c.skip + c.xfail
-    );
+    eprintln!("{}", summary.closing_line());
     Ok(summary.exit_code)
 }
 
