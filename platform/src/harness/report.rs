@@ -153,7 +153,6 @@ impl Summary {
         }
     }
 
-    /// The KTAP document: one top-level test per scenario, its checks as subtests.
     /// The plain closing line CI systems read (an expected failure counts as skipped).
     pub fn closing_line(&self) -> String {
         let c = &self.counts;
@@ -165,6 +164,7 @@ impl Summary {
         )
     }
 
+    /// The KTAP document: one top-level test per scenario, its checks as subtests.
     pub fn ktap(&self) -> String {
         let mut out = format!("KTAP version 1\n1..{}\n", self.scenarios.len());
         for (i, s) in self.scenarios.iter().enumerate() {
