@@ -53,9 +53,10 @@ fi
 # build, so only what differs is compiled. Kbuild stays right whatever the seed: checkouts
 # rewrite every file that differs, so each is newer than any object built from older content.
 # GRACEVM_NEAREST_SEED=0 keeps the seed given (`make bench` times the difference).
-args=() debug= seed_at=
+args=() debug= seed_at= config_only=
 for a in "$@"; do
     [ "$a" != --debug ] || debug=1
+    [ "$a" != --config-only ] || config_only=1
     [ "$a" != --seed ] || seed_at=${#args[@]}
     args+=("$a")
 done
@@ -78,4 +79,5 @@ if [ -n "$seed_at" ] && [ ! -f "$build/.config" ] && [ "${GRACEVM_NEAREST_SEED:-
 fi
 rm -f "$build/.gracevm-done"
 GRACEVM_SERIES=$series "$here/build.sh" "${args[@]}" "$src" "$build" 9>&-
-fingerprint "$(git -C "$src" rev-parse HEAD)" "$@" > "$build/.gracevm-done"
+# A configuration check builds nothing, so it leaves no stamp (nor a build directory).
+[ -n "$config_only" ] || fingerprint "$(git -C "$src" rev-parse HEAD)" "$@" > "$build/.gracevm-done"
