@@ -5,7 +5,7 @@
 #   make e2e             only the guests: SCENARIO=globs, TESTS=globs narrow it
 #   make run [CMD=...]   boot the default platform to a shell (or run CMD and power off)
 #   make bench           the loop measured: boot ratio, VMM start, series and edit to verdict
-#   make fuzz            fuzz the device models (FUZZ_SECONDS per target, default 600)
+#   make fuzz            fuzz the device models and host parsers (FUZZ_SECONDS per target, default 600)
 #   make kernel          build the guest kernel (Debian linux-source, or KSRC=/path/to/linux)
 #
 #   DEBUG=1              guest kernel with KASAN, KFENCE, UBSAN, lockdep, DEBUG_LIST, ... (own build)
@@ -216,7 +216,7 @@ ifeq ($(SCENARIO)$(TESTS),)
 	@tests/e2e/exit-status.sh $(HOST_VMM) $(OUT)/exit-status
 endif
 
-# Device models driven by byte streams (ECAM, GPU BAR0, PL011): a short run in every test,
+# Device models and host-side parsers driven by byte streams: a short run in every test,
 # a long one on demand.
 fuzz-smoke: deps
 	@echo "[test] fuzzing the device models, $(FUZZ_SMOKE_SECONDS) s per target"
