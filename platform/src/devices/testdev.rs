@@ -4,28 +4,15 @@
 //! userspace and the VMM records (and logs) the time since it started the VM: a boot-time
 //! measurement without parsing the console.
 //!
-//! Register map (32-bit registers, 4-byte accesses at 4-byte-aligned offsets only):
-//!
-//! | Offset | Name | Access | Description                                                     |
-//! |--------|------|--------|-----------------------------------------------------------------|
-//! | 0x000  | BOOT | RW     | W: [`BOOT_MAGIC`] records the boot time, first write only.      |
-//! |        |      |        | R: 1 once the boot time is recorded, else 0.                    |
-//! | 0x004  | ID   | RO     | [`DEVICE_ID`], so the guest can check the device is present.    |
-//! | 0x008  | ADDR_LO / ADDR_HI (0x00C) | RW | guest physical address of a probe           |
-//! | 0x010  | LEN_LO / LEN_HI (0x014)   | RW | probe length in bytes (multiple of 8)       |
-//! | 0x018  | VAL_LO / VAL_HI (0x01C)   | RW | CHECK_VALUE operand; PEEK result            |
-//! | 0x020  | CMD  | WO     | 1 PEEK, 2 CHECK_PATTERN, 3 CHECK_VALUE (see [`Cmd`])            |
-//! | 0x024  | STATUS | RO   | [`STATUS_OK`], [`STATUS_MISMATCH`], [`STATUS_OUTSIDE`],         |
-//! |        |      |        | [`STATUS_BAD_REQUEST`], [`STATUS_NONE`] before any command       |
-//! | 0x028  | WHERE_LO / WHERE_HI (0x02C) | RO | offset from ADDR of the first mismatch    |
-//! | 0x030  | POWER | WO    | [`POWER_OFF_MAGIC`](gracevm_contract::testdev::POWER_OFF_MAGIC):    |
-//! |        |      |        | end the run as a power-off (a guest whose kernel cannot)         |
-//! | 0x034- |      |        | reserved (read as 0, writes ignored).                           |
+//! The register map, the commands and their status codes are the contract with the in-guest
+//! suite and are documented once, in [`gracevm_contract::testdev`]: BOOT, ID, the probe
+//! registers (ADDR, LEN, VAL, CMD, STATUS, WHERE) and POWER.
 //!
 //! The probe registers let the in-guest suite ask the VMM what *it* sees in guest memory, so a
 //! test checks both sides: "the guest wrote X at offset O and it landed at carve-out offset O".
 //! Only the observable regions the VMM registered (carve-outs, GPU memory) can be probed.
-//! Each region was filled at boot with [`pattern_word`]`(seed, offset)` in every u64.
+//! Each holds [`pattern_word`]`(seed, offset)` in every u64 until the guest writes it; while the
+//! VMM still fills them every command answers [`STATUS_BUSY`].
 //!
 //! Every other access (other sizes, unaligned or reserved offsets, offsets at or beyond 0x1000,
 //! writes to ID, wrong or repeated BOOT writes) is logged and ignored; such reads return 0.

@@ -1,7 +1,7 @@
 //! Guest RAM: anonymous host mappings, one KVM memslot each.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::devices::testdev::ProbeRegion;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -45,14 +47,6 @@ pub fn create(vm: &VmFd, ranges: &[(u64, u64)]) -> Result<GuestMemory> {
     Ok(mem)
 }
 
-/// One region to fill: `word(seed, offset)` in every u64 of `base..base+size`.
-#[derive(Debug, Clone, Copy)]
-pub struct PatternJob {
-    pub base: u64,
-    pub size: u64,
-    pub seed: u64,
-}
-
 /// Whether the fill has finished (or was abandoned because the run ended).
 #[derive(Debug, Default)]
 pub struct FillGate {
@@ -77,97 +71,107 @@ impl FillGate {
 /// Dropping it stops the thread and joins it.
 pub struct PatternFill {
     gate: Arc<FillGate>,
-    thread: Option<JoinHandle<()>>,
-    /// How long the fill took, once it has finished.
-    took: Arc<Mutex<Option<Duration>>>,
+    /// The background fill; it returns how long the fill took, or None if it was stopped.
+    thread: Option<JoinHandle<Option<Duration>>>,
+    /// How long a fill made before `start` returned took.
+    took: Option<Duration>,
 }
 
 impl PatternFill {
-    /// Start filling `jobs` with `word`; `background` false fills before returning.
+    /// Start filling each region of `regions` with `word(region.seed, offset)` in every u64;
+    /// `background` false fills before returning.
     pub fn start<W>(
         mem: &GuestMemory,
-        jobs: Vec<PatternJob>,
+        regions: &[ProbeRegion],
         word: W,
         background: bool,
     ) -> Result<Self>
     where
         W: Fn(u64, u64) -> u64 + Copy + Send + 'static,
     {
-        for j in &jobs {
-            if j.base % 8 != 0 || j.size % 8 != 0 {
-                bail!("fill of {:#x}+{:#x} is not 8-byte aligned", j.base, j.size);
+        for r in regions {
+            if r.base % 8 != 0 || r.size % 8 != 0 {
+                bail!("fill of {:#x}+{:#x} is not 8-byte aligned", r.base, r.size);
             }
-            mem.get_slice(GuestAddress(j.base), j.size as usize)
+            mem.get_slice(GuestAddress(r.base), r.size as usize)
                 .with_context(|| {
-                    format!("{:#x}+{:#x} is not one guest memory region", j.base, j.size)
+                    format!("{:#x}+{:#x} is not one guest memory region", r.base, r.size)
                 })?;
         }
         let gate = Arc::new(FillGate::default());
-        let took = Arc::new(Mutex::new(None));
         let job = {
-            let (gate, took, mem) = (gate.clone(), took.clone(), mem.clone());
+            let (gate, mem, regions) = (gate.clone(), mem.clone(), regions.to_vec());
             move || {
                 let started = Instant::now();
-                for j in jobs {
-                    fill_words(&mem, j, word, &gate.stop);
+                for r in regions {
+                    fill_words(&mem, r, word, &gate.stop);
                 }
-                *took.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.elapsed());
                 gate.open();
+                (!gate.stop.load(Ordering::Relaxed)).then(|| started.elapsed())
             }
         };
-        let thread = if background {
+        let mut fill = Self {
+            gate,
+            thread: None,
+            took: None,
+        };
+        if background {
             let t = std::thread::Builder::new()
                 .name("pattern-fill".into())
                 .spawn(job)
                 .context("spawning the carve-out fill thread")?;
-            Some(t)
+            fill.thread = Some(t);
         } else {
-            job();
-            None
-        };
-        Ok(Self { gate, thread, took })
+            fill.took = job();
+        }
+        Ok(fill)
     }
 
     pub fn gate(&self) -> Arc<FillGate> {
         self.gate.clone()
     }
 
-    /// How long the fill took, if it has finished.
-    pub fn took(&self) -> Option<Duration> {
-        *self.took.lock().unwrap_or_else(|p| p.into_inner())
+    /// Stop the fill if it still runs; how long it took if it had finished.
+    pub fn finish(mut self) -> Option<Duration> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Option<Duration> {
+        self.gate.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            self.took = t.join().ok().flatten();
+        }
+        // A guest still polling must not wait for a fill that will never end.
+        self.gate.open();
+        self.took
     }
 }
 
 impl Drop for PatternFill {
     fn drop(&mut self) {
-        self.gate.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        // A guest still polling must not wait for a fill that will never end.
-        self.gate.open();
+        self.stop();
     }
 }
 
-/// Write `word(seed, offset)` into every u64 of one job: each 64 KiB computed in a buffer
+/// Write `word(seed, offset)` into every u64 of one region: each 64 KiB computed in a buffer
 /// (plain, vectorisable code) and copied in with vm-memory's bulk copy, which under emulation
 /// costs a fraction of one store per word. Stops between chunks when asked.
 fn fill_words<W: Fn(u64, u64) -> u64>(
     mem: &GuestMemory,
-    j: PatternJob,
+    r: ProbeRegion,
     word: W,
     stop: &AtomicBool,
 ) {
     const CHUNK: u64 = 64 << 10;
     let mut buf = vec![0u64; (CHUNK / 8) as usize];
     let mut off = 0;
-    while off < j.size && !stop.load(Ordering::Relaxed) {
-        let n = (CHUNK.min(j.size - off) / 8) as usize;
+    while off < r.size && !stop.load(Ordering::Relaxed) {
+        let n = (CHUNK.min(r.size - off) / 8) as usize;
         for (i, w) in buf[..n].iter_mut().enumerate() {
-            *w = word(j.seed, off + 8 * i as u64);
+            *w = word(r.seed, off + 8 * i as u64);
         }
-        // Checked at start: the whole job lies in one region, so every chunk of it does.
-        if let Ok(slice) = mem.get_slice(GuestAddress(j.base + off), n * 8) {
+        // Checked at start: the whole region lies in one memory region, so every chunk does.
+        if let Ok(slice) = mem.get_slice(GuestAddress(r.base + off), n * 8) {
             slice.copy_from(&buf[..n]);
         }
         off += CHUNK;

@@ -95,8 +95,7 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let vm = Arc::new(create_vm(platform)?);
     let map = platform.map();
     let mem = memory::create(&vm, &memory_ranges(map))?;
-    let background = !spec.interactive && !spec.eager_fill;
-    let (probe_regions, fill) = fill_observable(&mem, map, background)?;
+    let (probe_regions, fill) = fill_observable(&mem, map, !spec.eager_fill)?;
     let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
     let _gic = gic::Gic::create(&vm)?;
     load_guest(&mem, &spec, &vcpus)?;
@@ -127,7 +126,7 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         power_off: &devices.power_off,
     };
     let end = event_loop(&wake, &rx, devices.uart.clone(), &ends)?;
-    if let Some(took) = fill.took() {
+    if let Some(took) = fill.finish() {
         info!(
             "carve-out pattern fill took {:.1} ms",
             took.as_secs_f64() * 1e3
@@ -135,7 +134,6 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     }
     // Every vCPU stopped before the boot time is read and the memory goes.
     drop(running);
-    drop(fill);
     Ok(RunReport {
         end,
         boot_time: devices.boot_time(),
@@ -339,15 +337,7 @@ fn fill_observable(
             seed: guest::carveout_seed(c.pxm),
         })
         .collect();
-    let jobs = regions
-        .iter()
-        .map(|r| memory::PatternJob {
-            base: r.base,
-            size: r.size,
-            seed: r.seed,
-        })
-        .collect();
-    let fill = memory::PatternFill::start(mem, jobs, pattern_word, background)
+    let fill = memory::PatternFill::start(mem, &regions, pattern_word, background)
         .context("filling the carve-outs with their boot pattern")?;
     // GPU memory starts zeroed, as fresh RAM does; it is probed with PEEK/CHECK_VALUE.
     regions.extend(map.gpus.iter().map(|g| ProbeRegion {

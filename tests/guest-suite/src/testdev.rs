@@ -3,19 +3,12 @@
 //! test checks both sides ("the guest wrote X at offset O and it landed at carve-out offset
 //! O").
 //!
-//! | Offset | Register            | Use here                                               |
-//! |--------|---------------------|--------------------------------------------------------|
-//! | 0x000  | BOOT                | reads 1 once /init's boot-timer write was recorded     |
-//! | 0x004  | ID                  | [`DEVICE_ID`]: the device is there                     |
-//! | 0x008  | ADDR_LO / ADDR_HI   | guest physical address of a probe (8-byte aligned)     |
-//! | 0x010  | LEN_LO / LEN_HI     | probe length in bytes (multiple of 8)                  |
-//! | 0x018  | VAL_LO / VAL_HI     | CHECK_VALUE operand; PEEK result                       |
-//! | 0x020  | CMD                 | 1 PEEK, 2 CHECK_PATTERN, 3 CHECK_VALUE                 |
-//! | 0x024  | STATUS              | 0 ok, 1 mismatch, 2 outside, 3 bad request, !0 none    |
-//! | 0x028  | WHERE_LO / WHERE_HI | offset from ADDR of the first mismatch                 |
+//! The register map, the commands and their status codes are documented once, in
+//! [`gracevm_contract::testdev`]; this is their use from the guest.
 //!
 //! Only 4-byte accesses are decoded. A command runs while the CMD write traps, so STATUS is
-//! final when the write returns. A VM without probe regions ignores probe writes and reads
+//! final when the write returns; while the VMM still fills the carve-outs it is BUSY, and
+//! [`TestDev::command`] asks again. A VM without probe regions ignores probe writes and reads
 //! them as 0 (which would look like STATUS ok): every command first reads ADDR back to make
 //! sure the probe is live.
 
