@@ -35,8 +35,10 @@ say() { printf '[bench] %s\n' "$*" >&2; }
 now() { date +%s.%N; }
 # record KEY VALUE [NOTE]
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "${3:-}" >> "$figures"; }
-# timed KEY LOG make-args...: a make command's wall time; its output goes to LOG. A guest run
-# (e2e) is timed to its verdict whatever the verdict; any other failing make stops the bench.
+# timed KEY LOG make-args...: a make command's wall time, recorded and left in $took; its
+# output goes to LOG. A guest run (e2e) is timed to its verdict whatever the verdict; any
+# other failing make stops the bench.
+took=
 timed() {
     local key=$1 log=$2 t0 t1 rc=0
     shift 2
@@ -49,7 +51,8 @@ timed() {
         tail -n 20 "$log" >&2
         exit 1
     fi
-    record "$key" "$(echo "$t1 - $t0" | bc)" "$([ $rc = 0 ] || echo "verdict: make exit $rc")"
+    took=$(echo "$t1 - $t0" | bc)
+    record "$key" "$took" "$([ $rc = 0 ] || echo "verdict: make exit $rc")"
 }
 # vmm_ready DIR: "scenario milliseconds" per scenario of a run: its VMM start.
 vmm_ready() {
@@ -125,15 +128,13 @@ phase_series() {
     # A series never built: its branch is made and its build seeded from the nearest build.
     rm -rf "$key"
     timed series.build_s "$out/series-build.log" kernel PATCHES="$series"
+    local build=$took
     # Back to the default source and to the series again: switching between built series.
     timed series.switch_default_s "$out/series-switch1.log" kernel
     timed series.switch_back_s "$out/series-switch2.log" kernel PATCHES="$series"
     timed series.verdict_s "$out/series-e2e.log" e2e PATCHES="$series" SCENARIO="$matrix" \
         OUT="$out/series-e2e"
-    local b v
-    b=$(awk -F'\t' '$1=="series.build_s"{print $2}' "$figures")
-    v=$(awk -F'\t' '$1=="series.verdict_s"{print $2}' "$figures")
-    record series.to_verdict_s "$(echo "$b + $v" | bc)" "target <= 300 (EGM matrix <= 180 after an edit)"
+    record series.to_verdict_s "$(echo "$build + $took" | bc)" "target <= 300 (EGM matrix <= 180 after an edit)"
 }
 
 phase_edit() {
@@ -141,7 +142,7 @@ phase_edit() {
     # developer regenerates it. Before: the build seeded from the default build, as it was;
     # after: from the nearest build (the series without the edit).
     [ -n "$series" ] || phase_series
-    local mode edited key seed
+    local mode edited key seed build
     for mode in before after; do
         edited=$out/edit-$mode
         rm -rf "$edited"
@@ -158,10 +159,11 @@ phase_edit() {
         seed=()
         [ $mode = after ] || seed=(NO_NEAREST_SEED=1)
         timed "edit.$mode.build_s" "$out/edit-$mode-build.log" kernel PATCHES="$edited" "${seed[@]}"
+        build=$took
         timed "edit.$mode.verdict_s" "$out/edit-$mode-e2e.log" e2e PATCHES="$edited" \
             SCENARIO="$scenario" OUT="$out/edit-$mode-e2e"
-        record "edit.$mode.one_scenario_s" "$(awk -F'\t' -v b="edit.$mode.build_s" -v v="edit.$mode.verdict_s" \
-            '$1==b{x=$2} $1==v{y=$2} END{print x+y}' "$figures")" "$([ $mode = before ] || echo 'target <= 60')"
+        record "edit.$mode.one_scenario_s" "$(echo "$build + $took" | bc)" \
+            "$([ $mode = before ] || echo 'target <= 60')"
         rm -rf "$key"
     done
 }
@@ -172,9 +174,10 @@ phase_overlap() {
     local p=${series:+PATCHES=$series}
     timed overlap.serial_s "$out/overlap-serial.log" e2e $p SCENARIO="$overlap" \
         ARGS=--parallel=1 OUT="$out/overlap-serial"
+    local serial=$took
     timed overlap.parallel_s "$out/overlap-parallel.log" e2e $p SCENARIO="$overlap" \
         OUT="$out/overlap-parallel"
-    record overlap.parallel_over_serial "$(awk -F'\t' '$1=="overlap.serial_s"{s=$2} $1=="overlap.parallel_s"{p=$2} END{printf "%.2f", p/s}' "$figures")"
+    record overlap.parallel_over_serial "$(echo "scale=2; $took / $serial" | bc)"
 }
 
 for p in "${phases[@]}"; do
