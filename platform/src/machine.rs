@@ -1,6 +1,5 @@
 //! What a run is given and what it ends with, shared by the KVM machine and the harness.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -8,6 +7,7 @@ use std::time::Duration;
 
 use firmware::Resolved;
 
+use crate::devices::SharedConsole;
 use crate::exit::Status;
 use crate::vcpu_exit::GuestEvent;
 
@@ -28,8 +28,8 @@ pub struct MachineSpec {
     /// The whole initrd: the base initramfs with gracevm's own archive appended.
     pub initrd: Vec<u8>,
     pub cmdline: String,
-    /// Where UART output goes.
-    pub console: Box<dyn Write + Send>,
+    /// Where the guest's console output goes (the UART's bytes, the suite's PRINT lines).
+    pub console: SharedConsole,
     /// Feed host stdin to the UART.
     pub interactive: bool,
     /// Fill the carve-outs before the guest starts, rather than beside its boot (which only

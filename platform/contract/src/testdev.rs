@@ -8,7 +8,7 @@
 //! |        |                     |        | R: 1 once recorded, else 0                           |
 //! | 0x004  | ID                  | RO     | [`DEVICE_ID`]                                        |
 //! | 0x008  | ADDR_LO / ADDR_HI   | RW     | guest physical address of a probe (8-byte aligned)   |
-//! | 0x010  | LEN_LO / LEN_HI     | RW     | probe length in bytes (multiple of 8)                |
+//! | 0x010  | LEN_LO / LEN_HI     | RW     | probe length in bytes (multiple of 8); PRINT length  |
 //! | 0x018  | VAL_LO / VAL_HI     | RW     | CHECK_VALUE operand; PEEK result                     |
 //! | 0x020  | CMD                 | WO     | a [`Cmd`]                                            |
 //! | 0x024  | STATUS              | RO     | a [`Status`] code; [`STATUS_NONE`] before any command|
@@ -24,6 +24,11 @@
 //! [`STATUS_BUSY`] at once (an MMIO access held for seconds would stall the guest's CPU), and a
 //! guest that is about to let anything write there (opening /dev/egm zeroes a region) first
 //! repeats [`Cmd::AwaitFill`] until it answers [`STATUS_OK`].
+//!
+//! [`Cmd::Print`] is the suite's output channel: under nested emulation every byte written to
+//! the UART is a trap to the VMM (about 0.7 ms each), so a scenario's 17 KB of KTAP cost more
+//! than ten seconds. The suite writes a line into a locked page of its own and hands the VMM
+//! its guest physical address: one trap per line. PRINT is never BUSY.
 
 /// Size of the register page.
 pub const WINDOW_LEN: u64 = 0x1000;
@@ -60,7 +65,13 @@ pub enum Cmd {
     CheckValue = 3,
     /// [`STATUS_OK`] once every probed region holds its boot pattern (no operands).
     AwaitFill = 4,
+    /// LEN bytes (1..=[`PRINT_MAX`], one or more whole lines) of guest RAM at ADDR are the
+    /// suite's console output; [`STATUS_OUTSIDE`] if not backed by guest memory.
+    Print = 5,
 }
+
+/// The most a PRINT passes at once (one page).
+pub const PRINT_MAX: u64 = 4096;
 
 impl Cmd {
     pub fn from_raw(raw: u32) -> Option<Cmd> {
@@ -69,6 +80,7 @@ impl Cmd {
             2 => Some(Cmd::CheckPattern),
             3 => Some(Cmd::CheckValue),
             4 => Some(Cmd::AwaitFill),
+            5 => Some(Cmd::Print),
             _ => None,
         }
     }
@@ -101,6 +113,7 @@ mod tests {
             Cmd::CheckPattern,
             Cmd::CheckValue,
             Cmd::AwaitFill,
+            Cmd::Print,
         ] {
             assert_eq!(Cmd::from_raw(c as u32), Some(c));
         }

@@ -6,7 +6,6 @@ pub mod merge;
 pub mod run;
 pub mod test;
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +34,7 @@ pub struct SummaryIn {
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 pub struct DirectBoot<'a> {
     pub mode: &'a Mode,
-    pub console: Box<dyn Write + Send>,
+    pub console: gracevm::devices::SharedConsole,
     /// Feed this terminal's input to the guest's console.
     pub interactive: bool,
     pub timeout: Option<Duration>,

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 
@@ -27,7 +27,7 @@ pub fn run(g: &Resolved, mode: Mode, out: Option<&Path>, watch: Arc<Watch>) -> R
     let sink = harness::console::ConsoleSink::new(log, true, None, watch.clone());
     let boot = DirectBoot {
         mode: &mode,
-        console: Box::new(sink),
+        console: Arc::new(Mutex::new(sink)),
         interactive: true,
         timeout: g.timeout(None),
         watch,

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -132,7 +132,7 @@ fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Resul
     let mode = Mode::Test(g.request());
     let boot = DirectBoot {
         mode: &mode,
-        console: Box::new(sink),
+        console: Arc::new(Mutex::new(sink)),
         interactive: false,
         timeout: g.test_timeout(DEFAULT_TIMEOUT),
         watch,

@@ -24,6 +24,36 @@ pub trait MmioDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// Where the guest's console text goes. The UART's bytes and the test device's PRINT lines
+/// are kept apart, so a suite line never lands inside a kernel message the UART is halfway
+/// through (the kernel writes a message a byte per trap, on any CPU).
+pub trait ConsoleOut: Send {
+    /// Bytes the UART transmitted, as they come.
+    fn uart(&mut self, bytes: &[u8]);
+    /// One or more whole lines the guest printed through the test device.
+    fn lines(&mut self, text: &[u8]);
+}
+
+/// The console both devices write to.
+pub type SharedConsole = Arc<Mutex<dyn ConsoleOut>>;
+
+/// The UART's side of a [`SharedConsole`], as the writer [`pl011::Pl011`] takes.
+pub struct UartOut(pub SharedConsole);
+
+impl std::io::Write for UartOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .uart(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A level-triggered interrupt line into the interrupt controller (KVM_IRQ_LINE in the VMM,
 /// a recorder in tests).
 pub trait IrqLine: Send + Sync {

@@ -16,6 +16,9 @@
 //!
 //! Every other access (other sizes, unaligned or reserved offsets, offsets at or beyond 0x1000,
 //! writes to ID, wrong or repeated BOOT writes) is logged and ignored; such reads return 0.
+//! PRINT hands the VMM a line of the suite's output in guest RAM: it goes to the console as
+//! whole lines ([`super::ConsoleOut::lines`]), one trap instead of one per byte.
+//!
 //! To add a register: a `Reg` variant, its offset in `Reg::decode`, and its behaviour in
 //! `read_reg` / `write_reg`.
 
@@ -23,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{le_value, put_le_value, MmioDevice, WarnLimiter};
+use super::{le_value, put_le_value, MmioDevice, SharedConsole, WarnLimiter};
 
 const NAME: &str = "testdev";
 
@@ -35,7 +38,7 @@ pub use gracevm_contract::testdev::{
 };
 use gracevm_contract::testdev::{
     ACCESS_SIZE, ADDR as PROBE_FIRST, BOOT, ID, LAST as PROBE_LAST, POWER, POWER_OFF_MAGIC,
-    WINDOW_LEN,
+    PRINT_MAX, WINDOW_LEN,
 };
 
 /// A guest memory range the VMM lets the guest probe.
@@ -81,14 +84,19 @@ impl Reg {
     }
 }
 
-/// What a check expects of the u64 at `offset` of a region with `seed`, given VAL.
-type Expect = fn(u64, u64, u64) -> u64;
+/// The little-endian u64 in 8 bytes.
+fn word(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+}
 
 /// Probe state: ADDR, LEN, VAL (lo/hi each), CMD (write-only), STATUS, WHERE lo/hi.
 struct Probe {
     regs: [u32; 10],
     regions: Vec<ProbeRegion>,
     memory: Box<dyn MemoryProbe>,
+    /// Where PRINT's text goes; without one PRINT is a bad request (the suite then writes to
+    /// the UART).
+    console: Option<SharedConsole>,
 }
 
 impl std::fmt::Debug for Probe {
@@ -122,19 +130,17 @@ impl Probe {
         let Some(cmd) = Cmd::from_raw(raw) else {
             return STATUS_BAD_REQUEST;
         };
-        // Every command reads what the fill writes; the guest may also just ask about it.
-        if !self.memory.filled() {
+        // PRINT does not touch the regions the fill writes; every other command reads them,
+        // or just asks about the fill.
+        if cmd != Cmd::Print && !self.memory.filled() {
             return STATUS_BUSY;
         }
         let addr = self.get64(R_ADDR);
-        let (len, want): (u64, Option<Expect>) = match cmd {
+        let len = match cmd {
+            Cmd::Print => return self.print(),
             Cmd::AwaitFill => return STATUS_OK,
-            Cmd::Peek => (8, None),
-            Cmd::CheckPattern => (
-                self.get64(R_LEN),
-                Some(|seed, off, _| pattern_word(seed, off)),
-            ),
-            Cmd::CheckValue => (self.get64(R_LEN), Some(|_, _, value| value)),
+            Cmd::Peek => 8,
+            Cmd::CheckPattern | Cmd::CheckValue => self.get64(R_LEN),
         };
         if addr % 8 != 0 || len == 0 || len % 8 != 0 {
             return STATUS_BAD_REQUEST;
@@ -151,27 +157,87 @@ impl Probe {
             return STATUS_OUTSIDE;
         };
         let value = self.get64(R_VAL);
+        let from = addr - region.base;
+        // Each check is its own loop with the expected word inlined: a 1 GiB region is 128 Mi
+        // words, and under nested emulation every instruction per word costs about a second.
+        let found = match cmd {
+            Cmd::Peek => {
+                let mut word = [0u8; 8];
+                if !self.memory.read(addr, &mut word) {
+                    return STATUS_OUTSIDE;
+                }
+                self.set64(R_VAL, u64::from_le_bytes(word));
+                return STATUS_OK;
+            }
+            Cmd::CheckPattern => {
+                self.first_mismatch(addr, len, |at| pattern_word(region.seed, from + at))
+            }
+            _ => self.first_mismatch(addr, len, |_| value),
+        };
+        match found {
+            Err(status) => status,
+            Ok(None) => STATUS_OK,
+            Ok(Some(at)) => {
+                self.set64(R_WHERE, at);
+                STATUS_MISMATCH
+            }
+        }
+    }
+
+    /// The offset from `addr` of the first u64 in `[addr, addr + len)` that is not
+    /// `want(offset)`; `Err(STATUS_OUTSIDE)` if the VMM cannot read it.
+    fn first_mismatch(
+        &self,
+        addr: u64,
+        len: u64,
+        want: impl Fn(u64) -> u64,
+    ) -> Result<Option<u64>, u32> {
+        const BLOCK: usize = 64;
         let mut buf = vec![0u8; 64 * 1024];
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(buf.len() as u64) as usize;
             if !self.memory.read(addr + done, &mut buf[..n]) {
-                return STATUS_OUTSIDE;
+                return Err(STATUS_OUTSIDE);
             }
-            for (i, word) in buf[..n].chunks_exact(8).enumerate() {
-                let got = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-                let at = done + 8 * i as u64;
-                let Some(want) = want else {
-                    self.set64(R_VAL, got);
-                    return STATUS_OK;
-                };
-                if got != want(region.seed, addr - region.base + at, value) {
-                    self.set64(R_WHERE, at);
-                    return STATUS_MISMATCH;
+            // Eight words at a time without a branch per word; the block that differs is
+            // searched again word by word.
+            for (b, block) in buf[..n].chunks(BLOCK).enumerate() {
+                let first = done + (b * BLOCK) as u64;
+                let differs = block.chunks_exact(8).enumerate().fold(0, |acc, (i, w)| {
+                    acc | (word(w) ^ want(first + 8 * i as u64))
+                });
+                if differs != 0 {
+                    let i = block
+                        .chunks_exact(8)
+                        .enumerate()
+                        .position(|(i, w)| word(w) != want(first + 8 * i as u64))
+                        .unwrap_or(0);
+                    return Ok(Some(first + 8 * i as u64));
                 }
             }
             done += n as u64;
         }
+        Ok(None)
+    }
+
+    /// PRINT: LEN bytes of guest memory at ADDR to the console, whatever the fill is doing.
+    fn print(&mut self) -> u32 {
+        let (addr, len) = (self.get64(R_ADDR), self.get64(R_LEN));
+        let Some(console) = &self.console else {
+            return STATUS_BAD_REQUEST;
+        };
+        if len == 0 || len > PRINT_MAX {
+            return STATUS_BAD_REQUEST;
+        }
+        let mut text = vec![0u8; len as usize];
+        if !self.memory.read(addr, &mut text) {
+            return STATUS_OUTSIDE;
+        }
+        console
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .lines(&text);
         STATUS_OK
     }
 }
@@ -215,7 +281,16 @@ impl TestDev {
             regs,
             regions,
             memory,
+            console: None,
         });
+        self
+    }
+
+    /// Let the guest print through PRINT to `console` (needs [`TestDev::with_probe`] first).
+    pub fn with_console(mut self, console: SharedConsole) -> Self {
+        if let Some(probe) = &mut self.probe {
+            probe.console = Some(console);
+        }
         self
     }
 
@@ -615,6 +690,65 @@ mod tests {
         let mut dev = started_a_second_ago();
         write32(&mut dev, CMD, Cmd::Peek as u32);
         assert_eq!(read32(&mut dev, STATUS), 0);
+    }
+
+    /// A console recording what each side wrote.
+    #[derive(Default)]
+    struct Recorder {
+        uart: Vec<u8>,
+        lines: Vec<Vec<u8>>,
+    }
+
+    impl crate::devices::ConsoleOut for Recorder {
+        fn uart(&mut self, bytes: &[u8]) {
+            self.uart.extend_from_slice(bytes);
+        }
+
+        fn lines(&mut self, text: &[u8]) {
+            self.lines.push(text.to_vec());
+        }
+    }
+
+    #[test]
+    fn test_print_passes_guest_text_to_the_console_even_while_filling() {
+        let (_, mem) = probed();
+        mem.lock().unwrap()[0x100..0x10c].copy_from_slice(b"ok 1 first\n\0");
+        let busy = LazyMemory(FakeMemory(mem), Arc::default());
+        let console = Arc::new(std::sync::Mutex::new(Recorder::default()));
+        let mut dev = started_a_second_ago()
+            .with_probe(vec![REGION], Box::new(busy))
+            .with_console(console.clone());
+        assert_eq!(
+            probe(&mut dev, Cmd::Print, REGION.base + 0x100, 11, 0),
+            STATUS_OK
+        );
+        assert_eq!(console.lock().unwrap().lines, [b"ok 1 first\n".to_vec()]);
+        assert!(console.lock().unwrap().uart.is_empty());
+    }
+
+    #[test]
+    fn test_print_bad_lengths_unbacked_memory_and_no_console_refused() {
+        let (dev, _) = probed();
+        let console = Arc::new(std::sync::Mutex::new(Recorder::default()));
+        let mut dev = dev.with_console(console.clone());
+        for len in [0, PRINT_MAX + 1, u64::MAX] {
+            assert_eq!(
+                probe(&mut dev, Cmd::Print, REGION.base, len, 0),
+                STATUS_BAD_REQUEST,
+                "length {len}"
+            );
+        }
+        assert_eq!(probe(&mut dev, Cmd::Print, 0x0, 8, 0), STATUS_OUTSIDE);
+        assert_eq!(
+            probe(&mut dev, Cmd::Print, REGION.base + REGION.size - 4, 8, 0),
+            STATUS_OUTSIDE
+        );
+        assert!(console.lock().unwrap().lines.is_empty());
+        let (mut silent, _) = probed();
+        assert_eq!(
+            probe(&mut silent, Cmd::Print, REGION.base, 8, 0),
+            STATUS_BAD_REQUEST
+        );
     }
 
     #[test]

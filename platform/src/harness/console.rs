@@ -1,5 +1,10 @@
 //! The guest console sink: raw bytes to the log file (and stdout when attached), complete lines
 //! scanned for KTAP and for kernel panics as they stream.
+//!
+//! Two sources feed it: the UART, a byte at a time, and the suite's whole lines through the
+//! test device's PRINT. A suite line that arrives while the UART is in the middle of a line
+//! (a kernel message on another CPU) is scanned at once but written to the log after that
+//! line ends, so the log reads as the guest wrote it.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -8,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use gracevm_contract::{kernel_log, protocol};
 
+use crate::devices::ConsoleOut;
 use crate::harness::ktap;
 use crate::machine::Watch;
 
@@ -29,6 +35,10 @@ pub struct ConsoleSink {
     /// Print KTAP result lines to stderr as they arrive (progress in test runs).
     progress: Option<String>,
     line: Vec<u8>,
+    /// The UART is in the middle of a line (its last byte was not a newline).
+    mid_line: bool,
+    /// PRINT lines waiting for the UART's line to end before they go to the log.
+    held: Vec<u8>,
     /// The start of a suite line a kernel message broke into, waiting for its rest.
     broken: Option<String>,
     captured: Arc<Mutex<Captured>>,
@@ -42,6 +52,8 @@ impl ConsoleSink {
             echo,
             progress,
             line: Vec::new(),
+            mid_line: false,
+            held: Vec::new(),
             broken: None,
             captured: Arc::default(),
             watch,
@@ -106,24 +118,79 @@ fn suite_line(text: &str) -> bool {
     text.starts_with("ok ") || text.starts_with("not ok ") || text.starts_with("gracevm-suite: ")
 }
 
-impl Write for ConsoleSink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+/// PRINT lines held back longer than this go to the log anyway (a UART line that never ends).
+const HELD_MAX: usize = 64 * 1024;
+
+impl ConsoleSink {
+    /// Raw text to the log file and to stdout when attached.
+    fn record(&mut self, bytes: &[u8]) {
         if let Some(log) = &mut self.log {
             // A full disk must not stop the guest; the loss is visible in the log itself.
-            let _ = log.write_all(buf);
+            let _ = log.write_all(bytes);
         }
         if self.echo {
             let mut out = io::stdout().lock();
-            let _ = out.write_all(buf);
+            let _ = out.write_all(bytes);
             let _ = out.flush();
         }
-        for &b in buf {
-            if b == b'\n' {
-                self.end_line();
-            } else if self.line.len() < 4096 {
-                self.line.push(b);
+    }
+
+    fn release_held(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        self.record(&held);
+    }
+}
+
+impl ConsoleOut for ConsoleSink {
+    fn uart(&mut self, buf: &[u8]) {
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let (chunk, more) = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => rest.split_at(i + 1),
+                None => (rest, &[][..]),
+            };
+            self.record(chunk);
+            for &b in chunk {
+                if b == b'\n' {
+                    self.end_line();
+                } else if self.line.len() < 4096 {
+                    self.line.push(b);
+                }
             }
+            self.mid_line = !chunk.ends_with(b"\n");
+            if !self.mid_line && !self.held.is_empty() {
+                self.release_held();
+            }
+            rest = more;
         }
+    }
+
+    fn lines(&mut self, text: &[u8]) {
+        let mut whole = text.to_vec();
+        if !whole.ends_with(b"\n") {
+            whole.push(b'\n');
+        }
+        for line in whole[..whole.len() - 1].split(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(line);
+            self.take_line(line.trim_end_matches('\r').to_string());
+        }
+        if self.mid_line && self.held.len() < HELD_MAX {
+            self.held.extend_from_slice(&whole);
+        } else {
+            self.record(&whole);
+        }
+    }
+}
+
+impl Drop for ConsoleSink {
+    fn drop(&mut self) {
+        self.release_held();
+    }
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.uart(buf);
         Ok(buf.len())
     }
 
@@ -194,6 +261,34 @@ gracevm-suite: running egm_b
                 "ok 8 z"
             ]
         );
+    }
+
+    #[test]
+    fn test_printed_lines_scanned_at_once_and_logged_after_the_uart_line() {
+        let dir = std::env::temp_dir().join(format!("gracevm-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let mut sink = ConsoleSink::new(
+            Some(File::create(&path).unwrap()),
+            false,
+            None,
+            Arc::default(),
+        );
+        let cap = sink.captured();
+        sink.uart(b"KTAP version 1\n[ 1.0] BUG: KASAN: slab-");
+        sink.lines(b"ok 1 a\ngracevm-suite: running b\n");
+        sink.uart(b"use-after-free in egm_release\n");
+        sink.lines(b"not ok 2 b");
+        drop(sink);
+        let cap = cap.lock().unwrap();
+        assert_eq!(cap.ktap, ["KTAP version 1", "ok 1 a", "not ok 2 b"]);
+        assert_eq!(cap.running.as_deref(), Some("b"));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "KTAP version 1\n[ 1.0] BUG: KASAN: slab-use-after-free in egm_release\n\
+             ok 1 a\ngracevm-suite: running b\nnot ok 2 b\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use firmware::{BootParams, MemoryMap, Resolved};
 
 use crate::devices::pl011::Pl011;
 use crate::devices::testdev::{pattern_word, MemoryProbe, ProbeRegion, TestDev};
-use crate::devices::{IrqLine, MmioBus};
+use crate::devices::{IrqLine, MmioBus, SharedConsole, UartOut};
 use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
 use crate::vcpu_exit::GuestEvent;
 use crate::{board, guest};
@@ -276,7 +276,7 @@ impl Devices {
     fn create(
         vm: &Arc<VmFd>,
         map: &MemoryMap,
-        console: Box<dyn std::io::Write + Send>,
+        console: SharedConsole,
         probe_regions: Vec<ProbeRegion>,
         probe: GuestProbe,
         started: Instant,
@@ -286,10 +286,12 @@ impl Devices {
                 vm: vm.clone(),
                 irq: spi_irq(layout::UART_SPI),
             }),
-            console,
+            Box::new(UartOut(console.clone())),
         )));
         let testdev = Arc::new(Mutex::new(
-            TestDev::new(started).with_probe(probe_regions, Box::new(probe)),
+            TestDev::new(started)
+                .with_probe(probe_regions, Box::new(probe))
+                .with_console(console),
         ));
         let mut bus = MmioBus::new();
         bus.insert(layout::UART_BASE, layout::UART_SIZE, uart.clone())?;

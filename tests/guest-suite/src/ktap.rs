@@ -1,13 +1,26 @@
 //! KTAP version 1 output, one line at a time, flushed as written.
 //!
 //! The VMM parses the guest console as it streams, so every line goes out in a single
-//! `write` and is flushed at once. Diagnostics of a test come before its result line, as
+//! `write` and is flushed at once, or, once [`print_through`] set it up, in a single PRINT of
+//! the test device (the runner's thread only: a test process writes to its pipe). Diagnostics of a test come before its result line, as
 //! KUnit and kselftest print them.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::time::Duration;
 
 use crate::outcome::Outcome;
+use crate::testdev::Printer;
+
+thread_local! {
+    /// The runner's thread prints every KTAP line; a test's own threads write to stdout.
+    static PRINTER: RefCell<Option<Printer>> = const { RefCell::new(None) };
+}
+
+/// From now on every line this thread emits goes to the VMM through `printer`.
+pub fn print_through(printer: Printer) {
+    PRINTER.with(|p| *p.borrow_mut() = Some(printer));
+}
 
 pub const HEADER: &str = "KTAP version 1";
 
@@ -68,12 +81,17 @@ pub fn totals_line(pass: usize, fail: usize, xfail: usize, skip: usize) -> Strin
     format!("# Totals: pass:{pass} fail:{fail} xfail:{xfail} xpass:0 skip:{skip} error:0")
 }
 
-/// Writes one line to stdout in one `write` and flushes it. Errors are ignored: there is
+/// Writes one line through the test device, or to stdout in one `write` and flushed (a line
+/// PRINT refuses, too long or not taken, goes there too). Errors are ignored: there is
 /// nowhere else to report them, and the suite must go on.
 pub fn emit(line: &str) {
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
+    let printed = PRINTER.with(|p| p.borrow().as_ref().is_some_and(|p| p.print(&buf).is_ok()));
+    if printed {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(&buf);
     let _ = out.flush();

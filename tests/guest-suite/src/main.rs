@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use gracevm_contract::protocol;
 use guest_suite::registry::{self, Test};
-use guest_suite::{env, runner, suites, testdev};
+use guest_suite::{env, ktap, runner, suites, testdev};
 
 const USAGE: &str = "usage: gracevm-suite [--list] [--selftest] [--mmio-without-syndrome] [NAME...]
   --list      print the test names and exit
@@ -70,15 +70,17 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    // Opening /dev/egm zeroes a region: the VMM's boot pattern must be in place first, or the
-    // fill would overwrite what the driver wrote. No test device (not under gracevm): no fill.
+    // Under gracevm the suite prints through the test device, and waits for the carve-out
+    // fill before the first test that needs it. Elsewhere: stdout, and no fill to wait for.
+    let fill = testdev::TestDev::from_env(&env).ok();
     if let Ok(dev) = testdev::TestDev::from_env(&env) {
-        if let Err(why) = dev.await_fill() {
-            eprintln!("gracevm-suite: waiting for the carve-out fill: {why}");
+        match testdev::Printer::new(dev) {
+            Ok(printer) => ktap::print_through(printer),
+            Err(why) => eprintln!("gracevm-suite: printing to the UART: {why}"),
         }
     }
     let warnings = env.warnings;
-    let totals = runner::run_all(&tests, &warnings);
+    let totals = runner::run_all(&tests, &warnings, fill);
     if totals.fail == 0 {
         ExitCode::SUCCESS
     } else {

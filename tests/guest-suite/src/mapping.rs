@@ -83,6 +83,19 @@ impl Mapping {
         Ok(Mapping::whole(base, len, 0, None))
     }
 
+    /// `len` bytes of fresh anonymous read-write memory, locked in RAM (its frames stay where
+    /// they are, so their physical address can be handed to the VMM).
+    pub fn locked(len: usize) -> std::io::Result<Mapping> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let base = map(None, 0, len, libc::PROT_READ | libc::PROT_WRITE, flags)?;
+        let mapping = Mapping::whole(base, len, 0, Some(Access::ReadWrite));
+        // SAFETY: mlock reads no memory; base/len are the live mapping just made.
+        if unsafe { libc::mlock(base.cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(mapping)
+    }
+
     /// `[offset, offset + len)` of the file opened as `fd`, mapped from the enclosing pages
     /// (`offset` need not be page aligned): byte 0 is at `offset`.
     pub(crate) fn window(
@@ -192,6 +205,31 @@ impl Mapping {
         // SAFETY: in bounds, aligned and writable (checked by `at`); no Rust reference points
         // into the mapping.
         unsafe { ptr.write_volatile(value) }
+    }
+
+    /// Copies `bytes` to byte `offset` (any alignment).
+    pub fn write_bytes(&self, offset: usize, bytes: &[u8]) {
+        assert!(
+            offset
+                .checked_add(bytes.len())
+                .is_some_and(|end| end <= self.len),
+            "{}-byte copy at offset {offset:#x} beyond the {:#x}-byte mapping",
+            bytes.len(),
+            self.len
+        );
+        assert!(
+            self.access == Some(Access::ReadWrite),
+            "write to a mapping that is not writable"
+        );
+        // SAFETY: the destination is inside the writable mapping (checked above), which no
+        // Rust reference points into, and cannot overlap `bytes` (a Rust slice elsewhere).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.add(self.lead + offset),
+                bytes.len(),
+            );
+        }
     }
 
     /// The two u64 at byte `offset` (16-byte aligned) in one load-pair instruction: an access

@@ -11,6 +11,29 @@ pub fn read(path: &str) -> Result<String, Outcome> {
         .map_err(|e| Outcome::fail(format!("cannot read {path}: {e}")))
 }
 
+/// The guest physical address behind virtual address `virt` of this process, from
+/// /proc/self/pagemap (the page must be present: locked or touched; the frame number reads 0
+/// without CAP_SYS_ADMIN).
+pub fn physical_address(virt: usize) -> Result<u64, String> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const PFN_MASK: u64 = (1 << 55) - 1;
+    let page = crate::devmem::page_size();
+    let file = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| format!("cannot open /proc/self/pagemap: {e}"))?;
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, (virt / page) as u64 * 8)
+        .map_err(|e| format!("cannot read /proc/self/pagemap: {e}"))?;
+    let entry = u64::from_le_bytes(entry);
+    let pfn = entry & PFN_MASK;
+    if entry & PRESENT == 0 || pfn == 0 {
+        return Err(format!(
+            "/proc/self/pagemap gives no frame for {virt:#x} (entry {entry:#x})"
+        ));
+    }
+    Ok(pfn * page as u64 + (virt % page) as u64)
+}
+
 /// One line of /proc/iomem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IomemEntry {

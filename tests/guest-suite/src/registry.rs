@@ -43,6 +43,9 @@ pub struct Test {
     pub timeout: Duration,
     /// Kernel reports this test may provoke on purpose (a known review finding).
     pub known: Option<KnownFn>,
+    /// Writes nothing to the carve-outs, and reads them only through the test device (which
+    /// waits for the fill): it may run while the VMM still fills them.
+    pub during_fill: bool,
 }
 
 impl Test {
@@ -54,6 +57,14 @@ impl Test {
             run,
             timeout: Test::DEFAULT_TIMEOUT,
             known: None,
+            during_fill: false,
+        }
+    }
+
+    pub const fn during_fill(self) -> Test {
+        Test {
+            during_fill: true,
+            ..self
         }
     }
 

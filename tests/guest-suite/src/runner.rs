@@ -27,6 +27,7 @@ use crate::kmsg::{self, Kmsg};
 use crate::ktap;
 use crate::outcome::Outcome;
 use crate::registry::{Context, Test};
+use crate::testdev::TestDev;
 
 /// Starts a child-to-parent protocol line (ASCII record separator: never in normal output).
 pub const MARK: char = '\u{1e}';
@@ -85,7 +86,11 @@ const LOG_SETTLE: Duration = Duration::from_millis(100);
 ///
 /// Each test's window of the kernel log is judged too ([`judge`]): a kernel report during a
 /// test fails it, or makes it XFAIL when the test names the review finding it reproduces.
-pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
+///
+/// `fill`: the test device, under gracevm. Opening /dev/egm zeroes a region, so the VMM's boot
+/// pattern must be in place before it (or the fill would overwrite what the driver wrote):
+/// the first test not marked [`Test::during_fill`] waits for it.
+pub fn run_all(tests: &[Test], warnings: &[String], mut fill: Option<TestDev>) -> Totals {
     ktap::emit(ktap::HEADER);
     ktap::emit(&ktap::plan(tests.len()));
     for warning in warnings {
@@ -126,6 +131,13 @@ pub fn run_all(tests: &[Test], warnings: &[String]) -> Totals {
                 died_noted = true;
             }
             test.timeout = AFTER_OOPS_TIMEOUT;
+        }
+        if !test.during_fill {
+            if let Some(dev) = fill.take() {
+                if let Err(why) = dev.await_fill() {
+                    ktap::note(format!("waiting for the carve-out fill: {why}"));
+                }
+            }
         }
         ktap::emit(&format!("{}{}", protocol::RUNNING, test.name));
         let started = std::time::Instant::now();

@@ -70,6 +70,62 @@ impl fmt::Display for Status {
     }
 }
 
+impl Status {
+    /// A STATUS register value (`at`: the WHERE register, read only for a mismatch).
+    fn from_raw(raw: u32, at: impl FnOnce() -> u64) -> Status {
+        match raw {
+            testdev::STATUS_OK => Status::Ok,
+            testdev::STATUS_MISMATCH => Status::Mismatch { at: at() },
+            testdev::STATUS_OUTSIDE => Status::Outside,
+            testdev::STATUS_BAD_REQUEST => Status::BadRequest,
+            testdev::STATUS_NONE => Status::None,
+            raw => Status::Unknown(raw),
+        }
+    }
+}
+
+/// The suite's output through PRINT: a locked page of its own that each line is copied into,
+/// its guest physical address handed to the VMM. One trap per line instead of one per byte
+/// on the UART.
+#[derive(Debug)]
+pub struct Printer {
+    dev: TestDev,
+    page: Mapping,
+    gpa: u64,
+}
+
+impl Printer {
+    /// A printer through `dev`, once its first line went through (a VMM without PRINT
+    /// answers BAD_REQUEST).
+    pub fn new(dev: TestDev) -> Result<Printer, String> {
+        let len = testdev::PRINT_MAX as usize;
+        let page = Mapping::locked(len).map_err(|e| format!("locked page: {e}"))?;
+        page.write_bytes(0, &[0]);
+        let gpa = crate::procfs::physical_address(page.addr())?;
+        let printer = Printer { dev, page, gpa };
+        printer.print(b"# suite output through the test device (PRINT)\n")?;
+        Ok(printer)
+    }
+
+    /// Prints `text` (whole lines, at most [`testdev::PRINT_MAX`] bytes).
+    pub fn print(&self, text: &[u8]) -> Result<(), String> {
+        if text.is_empty() || text.len() > self.page.len() {
+            return Err(format!("{} bytes do not fit one PRINT", text.len()));
+        }
+        self.page.write_bytes(0, text);
+        // The VMM reads the page when the CMD write traps: the copy must be done by then.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        match self.dev.print(self.gpa, text.len() as u64) {
+            Status::Ok => Ok(()),
+            status => Err(format!(
+                "PRINT of {} bytes at {:#x}: {status}",
+                text.len(),
+                self.gpa
+            )),
+        }
+    }
+}
+
 /// 32-bit register access (the /dev/mem page, or a model in unit tests).
 pub trait Registers {
     fn read32(&self, offset: usize) -> u32;
@@ -176,16 +232,17 @@ impl<R: Registers> TestDev<R> {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        Ok(match status {
-            testdev::STATUS_OK => Status::Ok,
-            testdev::STATUS_MISMATCH => Status::Mismatch {
-                at: self.read64(WHERE),
-            },
-            testdev::STATUS_OUTSIDE => Status::Outside,
-            testdev::STATUS_BAD_REQUEST => Status::BadRequest,
-            testdev::STATUS_NONE => Status::None,
-            raw => Status::Unknown(raw),
-        })
+        Ok(Status::from_raw(status, || self.read64(WHERE)))
+    }
+
+    /// PRINT: `len` bytes of guest memory at `gpa` to the VMM's console. Six register
+    /// accesses whatever the length (ADDR and LEN are rewritten each time: a test process may
+    /// have used them since).
+    pub fn print(&self, gpa: u64, len: u64) -> Status {
+        self.write64(ADDR, gpa);
+        self.write64(LEN, len);
+        self.regs.write32(CMD, Cmd::Print as u32);
+        Status::from_raw(self.regs.read32(STATUS), || self.read64(WHERE))
     }
 
     /// Returns once the VMM has put the boot pattern in every probed region (it may fill the

@@ -12,12 +12,12 @@ use crate::procfs::{self, bytes};
 use crate::registry::{Context, Test};
 
 pub const TESTS: &[Test] = &[
-    Test::new("userspace_reached", userspace_reached),
-    Test::new("cpus_online", cpus_online),
-    Test::new("ram_size", ram_size),
-    Test::new("kernel_config", kernel_config),
-    Test::new("kernel_modules", kernel_modules),
-    Test::new("kernel_log_boot", kernel_log_boot),
+    Test::new("userspace_reached", userspace_reached).during_fill(),
+    Test::new("cpus_online", cpus_online).during_fill(),
+    Test::new("ram_size", ram_size).during_fill(),
+    Test::new("kernel_config", kernel_config).during_fill(),
+    Test::new("kernel_modules", kernel_modules).during_fill(),
+    Test::new("kernel_log_boot", kernel_log_boot).during_fill(),
 ];
 
 /// PID 1 is the gracevm `/init` and `/` is still the initramfs.

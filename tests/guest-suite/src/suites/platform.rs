@@ -22,13 +22,15 @@ use crate::registry::{Context, Test};
 use crate::testdev::{Status, TestDev};
 
 pub const TESTS: &[Test] = &[
-    Test::new("acpi_in_use", acpi_in_use),
-    Test::new("dt_in_use", dt_in_use),
-    Test::new("efi_memmap_used", efi_memmap_used),
-    Test::new("numa_nodes", numa_nodes),
-    Test::new("carveouts_hidden", carveouts_hidden),
-    Test::new("testdev_probe", testdev_probe),
-    Test::new("carveout_pattern", carveout_pattern).with_timeout(Duration::from_secs(300)),
+    Test::new("acpi_in_use", acpi_in_use).during_fill(),
+    Test::new("dt_in_use", dt_in_use).during_fill(),
+    Test::new("efi_memmap_used", efi_memmap_used).during_fill(),
+    Test::new("numa_nodes", numa_nodes).during_fill(),
+    Test::new("carveouts_hidden", carveouts_hidden).during_fill(),
+    Test::new("testdev_probe", testdev_probe).during_fill(),
+    Test::new("carveout_pattern", carveout_pattern)
+        .with_timeout(Duration::from_secs(300))
+        .during_fill(),
     Test::new("carveout_write_seen_by_vmm", carveout_write_seen_by_vmm)
         .with_timeout(Duration::from_secs(120)),
 ];
@@ -652,7 +654,35 @@ fn testdev_probe(ctx: &Context) -> Outcome {
             Err(why) => checks.fail(why),
         }
     }
+    print_checks(dev, &mut checks);
     checks.outcome()
+}
+
+/// PRINT, the suite's output channel: refusals of what the VMM must not read, and one line
+/// through it (a diagnostic of this test).
+fn print_checks(dev: TestDev, checks: &mut Checks) {
+    let max = gracevm_contract::testdev::PRINT_MAX;
+    // The register page itself is a device, not memory.
+    let device = dev.base();
+    let refused = [
+        ("PRINT of 0 bytes", device, 0, Status::BadRequest),
+        (
+            "PRINT of more than a page",
+            device,
+            max + 1,
+            Status::BadRequest,
+        ),
+        ("PRINT of the device page", device, 8, Status::Outside),
+    ];
+    for (what, gpa, len, expected) in refused {
+        let status = dev.print(gpa, len);
+        checks.expect(status == expected, || {
+            format!("{what} ({gpa:#x}, {len} bytes): expected {expected}, observed {status}")
+        });
+    }
+    if let Err(why) = crate::testdev::Printer::new(dev) {
+        checks.fail(format!("PRINT of a line from a locked page: {why}"));
+    }
 }
 
 /// The windows of a `size`-byte region the guest reads: start, middle and end, each
