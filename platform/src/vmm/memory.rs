@@ -153,9 +153,10 @@ impl Drop for PatternFill {
     }
 }
 
-/// Write `word(seed, offset)` into every u64 of one region: each 64 KiB computed in a buffer
-/// (plain, vectorisable code) and copied in with vm-memory's bulk copy, which under emulation
-/// costs a fraction of one store per word. Stops between chunks when asked.
+/// Write `word(seed, offset)` into every u64 of one region: each 64 KiB computed in a byte
+/// buffer (plain, vectorisable code) and copied in with vm-memory's byte copy, a `memcpy`
+/// (its copy of a u64 slice is a volatile store per word, which under emulation costs several
+/// times more). Stops between chunks when asked.
 fn fill_words<W: Fn(u64, u64) -> u64>(
     mem: &GuestMemory,
     r: ProbeRegion,
@@ -163,15 +164,15 @@ fn fill_words<W: Fn(u64, u64) -> u64>(
     stop: &AtomicBool,
 ) {
     const CHUNK: u64 = 64 << 10;
-    let mut buf = vec![0u64; (CHUNK / 8) as usize];
+    let mut buf = vec![0u8; CHUNK as usize];
     let mut off = 0;
     while off < r.size && !stop.load(Ordering::Relaxed) {
-        let n = (CHUNK.min(r.size - off) / 8) as usize;
-        for (i, w) in buf[..n].iter_mut().enumerate() {
-            *w = word(r.seed, off + 8 * i as u64);
+        let n = CHUNK.min(r.size - off) as usize;
+        for (i, w) in buf[..n].chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&word(r.seed, off + 8 * i as u64).to_le_bytes());
         }
         // Checked at start: the whole region lies in one memory region, so every chunk does.
-        if let Ok(slice) = mem.get_slice(GuestAddress(r.base + off), n * 8) {
+        if let Ok(slice) = mem.get_slice(GuestAddress(r.base + off), n) {
             slice.copy_from(&buf[..n]);
         }
         off += CHUNK;
