@@ -11,8 +11,10 @@
 # and, when the config has modules (the nvgrace drivers are modules, see fragments/vfio.config),
 # BUILD_DIR/modules/lib/modules/<release>/: the installed module tree gracevm hands the guest.
 #
-# SRC is never modified (O= build). The config is regenerated each time but only replaces
-# BUILD_DIR/.config when it changed, so unchanged trees rebuild incrementally.
+# SRC is never modified (O= build). The config is regenerated when the tree's Kconfig files,
+# the fragments, this script or the compiler changed since the last build (about 7 s on 2
+# cores; BUILD_DIR/.gracevm-config-key remembers them), and only replaces BUILD_DIR/.config
+# when it changed, so unchanged trees rebuild incrementally.
 #
 # BUILD_DIR/gracevm-build.json records what was built (source, commit, series and its mails'
 # Message-IDs when GRACEVM_SERIES names it, fragments, debug flavour, duration) for the run's
@@ -50,7 +52,9 @@ if [ -z "$config_only" ] && [ -n "$seed" ] && [ ! -f "$build/.config" ] && [ -f 
     step "seeding $build from $seed (same source path: only what differs is rebuilt)"
     mkdir -p "$build"
     cp -a --reflink=auto "$seed/." "$build/"
-    rm -rf "$build/modules" "$build/gracevm.expect"
+    # The seed's configuration (.config, gracevm.expect and the key they were made from) is
+    # kept: the key below decides whether this tree needs its own.
+    rm -rf "$build/modules"
 fi
 [ -n "$config_only" ] || mkdir -p "$build"
 
@@ -67,62 +71,82 @@ if [ -n "$egm_evidence" ]; then
     fragments+=("$here/fragments/egm.config")
 fi
 
-step "configuring $(basename "$src") (allnoconfig + ${#fragments[@]} fragments${debug:+, debug})"
+# What the configuration is made from: the same inputs give the same .config.
+config_key() {
+    {
+        printf '%s\n' "$debug" "$egm_evidence" "$(aarch64-linux-gnu-gcc --version | head -n 1)"
+        cat "${fragments[@]}" "$0" "$src/Makefile"
+        (cd "$src" && find . -name .git -prune -o -name 'Kconfig*' -type f -print | LC_ALL=C sort | xargs cat)
+    } | md5sum | cut -d' ' -f1
+}
+key=$(config_key)
 cfg=$(mktemp -d)
 trap 'rm -rf "$cfg"' EXIT
-"${kmake[@]}" O="$cfg" allnoconfig >/dev/null
-"$src/scripts/kconfig/merge_config.sh" -m -O "$cfg" "$cfg/.config" "${fragments[@]}" >/dev/null
-"${kmake[@]}" O="$cfg" olddefconfig >/dev/null
+if [ -z "$config_only" ] && [ -f "$build/.config" ] && [ -f "$build/gracevm-build.json" ] &&
+    [ "$(cat "$build/.gracevm-config-key" 2>/dev/null)" = "$key" ]; then
+    step "config unchanged (same Kconfig files, fragments and compiler): incremental build"
+else
+    rm -f "$build/.gracevm-config-key"
+    step "configuring $(basename "$src") (allnoconfig + ${#fragments[@]} fragments${debug:+, debug})"
+    "${kmake[@]}" O="$cfg" allnoconfig >/dev/null
+    "$src/scripts/kconfig/merge_config.sh" -m -O "$cfg" "$cfg/.config" "${fragments[@]}" >/dev/null
+    "${kmake[@]}" O="$cfg" olddefconfig >/dev/null
 
-# Every option a fragment asks for must have survived olddefconfig; a silent drop (a renamed
-# symbol, an unmet dependency) would otherwise surface as a confusing guest failure much later.
-# The EGM options are the exception: the driver under test may be broken, and the suite says
-# so (the kernel is built without them and the EGM tests fail, naming what is missing).
-dropped() {
-    local line
-    while IFS= read -r line; do
-        case "$line" in
-            CONFIG_*=*) grep -qxF "$line" "$cfg/.config" || echo "$line" ;;
-            "# CONFIG_"*" is not set") grep -qxF "$line" "$cfg/.config" || echo "$line" ;;
-        esac
-    done < <(cat "$@")
-}
-required=()
-for f in "${fragments[@]}"; do [ "$(basename "$f")" = egm.config ] || required+=("$f"); done
-mapfile -t missing < <(dropped "${required[@]}")
-[ ${#missing[@]} -eq 0 ] || die "options not taken by this tree's Kconfig: ${missing[*]}"
-egm_missing=
-if [ -n "$egm_evidence" ]; then
-    mapfile -t egm_dropped < <(dropped "$here/fragments/egm.config")
-    if [ ${#egm_dropped[@]} -gt 0 ]; then
-        egm_missing="${egm_dropped[*]} not taken by this tree's Kconfig (option missing or renamed?)"
-        step "WARNING: the tree carries the EGM driver but $egm_missing; building without it, the EGM tests will fail"
+    # Every option a fragment asks for must have survived olddefconfig; a silent drop (a renamed
+    # symbol, an unmet dependency) would otherwise surface as a confusing guest failure much later.
+    # The EGM options are the exception: the driver under test may be broken, and the suite says
+    # so (the kernel is built without them and the EGM tests fail, naming what is missing).
+    dropped() {
+        local line
+        while IFS= read -r line; do
+            case "$line" in
+                CONFIG_*=*) grep -qxF "$line" "$cfg/.config" || echo "$line" ;;
+                "# CONFIG_"*" is not set") grep -qxF "$line" "$cfg/.config" || echo "$line" ;;
+            esac
+        done < <(cat "$@")
+    }
+    required=()
+    for f in "${fragments[@]}"; do [ "$(basename "$f")" = egm.config ] || required+=("$f"); done
+    mapfile -t missing < <(dropped "${required[@]}")
+    [ ${#missing[@]} -eq 0 ] || die "options not taken by this tree's Kconfig: ${missing[*]}"
+    egm_missing=
+    if [ -n "$egm_evidence" ]; then
+        mapfile -t egm_dropped < <(dropped "$here/fragments/egm.config")
+        if [ ${#egm_dropped[@]} -gt 0 ]; then
+            egm_missing="${egm_dropped[*]} not taken by this tree's Kconfig (option missing or renamed?)"
+            step "WARNING: the tree carries the EGM driver but $egm_missing; building without it, the EGM tests will fail"
+        fi
     fi
-fi
-if [ -n "$config_only" ]; then
-    step "configuration checked: every option of ${#fragments[@]} fragments survives Kconfig"
-    exit 0
-fi
-if [ -n "$egm_evidence" ]; then
-    printf 'egm\nthe tree carries the EGM driver (%s)%s\n' "$egm_evidence" "${egm_missing:+; $egm_missing}" > "$build/gracevm.expect"
-else
-    rm -f "$build/gracevm.expect"
-fi
+    if [ -n "$config_only" ]; then
+        step "configuration checked: every option of ${#fragments[@]} fragments survives Kconfig"
+        exit 0
+    fi
+    if [ -n "$egm_evidence" ]; then
+        printf 'egm\nthe tree carries the EGM driver (%s)%s\n' "$egm_evidence" "${egm_missing:+; $egm_missing}" > "$build/gracevm.expect"
+    else
+        rm -f "$build/gracevm.expect"
+    fi
 
-if ! cmp -s "$cfg/.config" "$build/.config"; then
-    cp "$cfg/.config" "$build/.config"
-    "${kmake[@]}" olddefconfig >/dev/null
-    step "config changed: Kbuild rebuilds what the change touches"
-else
-    step "config unchanged: incremental build"
+    if ! cmp -s "$cfg/.config" "$build/.config"; then
+        cp "$cfg/.config" "$build/.config"
+        "${kmake[@]}" olddefconfig >/dev/null
+        step "config changed: Kbuild rebuilds what the change touches"
+    else
+        step "config unchanged: incremental build"
+    fi
+    echo "$key" > "$build/.gracevm-config-key"
 fi
 
 start=$(date +%s)
 start_iso=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 stamp=$build/.gracevm-build-start
 touch "$stamp"
-# Progress for long builds: a line every 30 s with the number of objects built so far.
-( while sleep 30; do
+# Progress for long builds: a line every 30 s with the number of objects built so far. Its
+# sleep is killed with it: a sleep left behind would hold the caller's pipe for up to 30 s.
+( trap 'kill $nap 2>/dev/null; exit 0' TERM
+  while :; do
+      sleep 30 & nap=$!
+      wait $nap
       n=$(find "$build" -name '*.o' -newer "$stamp" 2>/dev/null | wc -l)
       step "building... $n objects, $(( $(date +%s) - start )) s"
   done ) &
