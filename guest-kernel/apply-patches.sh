@@ -16,7 +16,10 @@
 # older kernel often needs fuzz) is retried with `patch -p1` and committed with its own
 # subject, and the script says so. A patch neither can apply stops everything with a message
 # naming it; the tree is left on base and the half-made branch is deleted. An unchanged series
-# is not applied again: its branch is checked out.
+# is not applied again: its branch is checked out. A series that begins like one applied before
+# (the same series with an edit patch on top, a revision that changes only its last patches)
+# starts from the commit of that common beginning (refs/gracevm/prefix/*): only the rest is
+# applied.
 set -euo pipefail
 
 branch_only=
@@ -100,13 +103,33 @@ if [ -n "$branch_only" ]; then
     exit 0
 fi
 
+# prefix[k] names base + the first k+1 patches: a series that begins like this one reuses it.
+prefix=()
+h=$(g rev-parse base)
+for p in "${patches[@]}"; do
+    h=$( { echo "$h"; sha256sum < "$work/split/$p"; } | sha256sum | cut -c1-16)
+    prefix+=("$h")
+done
 if g rev-parse -q --verify "refs/heads/$branch" >/dev/null; then
     [ "$(g symbolic-ref --short HEAD)" = "$branch" ] || g checkout -q "$branch"
     say "series already applied: branch $branch"
+    # A branch made before prefixes were recorded: one commit per patch, in order.
+    mapfile -t commits < <(g rev-list --reverse "base..$branch")
+    if [ ${#commits[@]} = ${#patches[@]} ] && ! g rev-parse -q --verify "refs/gracevm/prefix/${prefix[-1]}" >/dev/null; then
+        for i in "${!commits[@]}"; do g update-ref "refs/gracevm/prefix/${prefix[i]}" "${commits[i]}"; done
+    fi
     exit 0
 fi
 
-g checkout -q -b "$branch" base
+# The longest beginning of this series applied before.
+start=0 from=base
+for ((k = ${#patches[@]}; k >= 1; k--)); do
+    if c=$(g rev-parse -q --verify "refs/gracevm/prefix/${prefix[k - 1]}"); then
+        start=$k from=$c
+        break
+    fi
+done
+g checkout -q -b "$branch" "$from"
 fail() {
     g am --abort >/dev/null 2>&1 || true
     g reset -q --hard
@@ -115,11 +138,16 @@ fail() {
     g branch -q -D "$branch"
     die "$*"
 }
-say "applying ${#patches[@]} patches on branch $branch"
-for p in "${patches[@]}"; do
-    f="$work/split/$p"
+if [ "$start" -gt 0 ]; then
+    say "the first $start of ${#patches[@]} patches were applied before (another series begins with them): applying the rest on branch $branch"
+else
+    say "applying ${#patches[@]} patches on branch $branch"
+fi
+for ((i = start; i < ${#patches[@]}; i++)); do
+    f="$work/split/${patches[i]}"
     subject=$(sed -n 's/^Subject: *//p' "$f" | head -n 1)
     if g am -q --keep-cr "$f" >"$work/am.log" 2>&1; then
+        g update-ref "refs/gracevm/prefix/${prefix[i]}" HEAD
         say "applied: $subject"
         continue
     fi
@@ -128,6 +156,7 @@ for p in "${patches[@]}"; do
     if (cd "$repo" && patch --dry-run "${popts[@]}" < "$f" && patch "${popts[@]}" < "$f") >"$work/patch.log" 2>&1; then
         g add -f -A
         g commit -q -m "$subject" -m "(applied by gracevm with patch -p1 after git am refused it)"
+        g update-ref "refs/gracevm/prefix/${prefix[i]}" HEAD
         say "applied with fuzz (git am refused it): $subject"
         sed 's/^/[patches]   /' "$work/patch.log" >&2 || true
         continue

@@ -2,7 +2,8 @@
 # Host test of guest-kernel/apply-patches.sh on a tiny synthetic tree: a clean patch, a patch
 # that needs fuzz (git am refuses it, patch -p1 takes it), a cover letter to skip, a plain
 # mail without an mbox separator, a plain `diff -u` patch, a series that cannot apply (must fail naming the patch and
-# leave the tree on base), switching back to base, and a second series as its own branch.
+# leave the tree on base), switching back to base, a second series as its own branch, and the
+# first series with one more patch (only that one applied, on the commit of the first two).
 # Prints KTAP; exits 1 on a failed check.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -60,7 +61,7 @@ mkdir -p "$t/plain"
 printf 'From: Dev <dev@example.org>\nSubject: [PATCH] plain diff\n\n---\n--- a/drivers/a.c\n+++ b/drivers/a.c\n@@ -1,1 +1,2 @@\n one\n+one-plain\n' > "$t/plain/0001.patch"
 
 echo "KTAP version 1"
-echo "1..9"
+echo "1..10"
 if "$apply" "$t/src" "$t/series" > "$t/log" 2>&1; then ok applies_series; else bad applies_series "$(cat "$t/log")"; fi
 if grep -qx 'one-and-a-half' "$t/src/drivers/a.c" && grep -qx 'six-and-a-half' "$t/src/drivers/a.c"; then
     ok both_hunks_present
@@ -96,6 +97,22 @@ if "$apply" "$t/src" "$t/plain" > "$t/log7" 2>&1 && grep -qx 'one-plain' "$t/src
     ok plain_diff_is_a_patch
 else
     bad plain_diff_is_a_patch "$(cat "$t/log7")"
+fi
+# The first series plus an edit on top: its first two patches are taken as applied before.
+mkdir -p "$t/edited"
+cp "$t/series/"* "$t/edited/"
+mkpatch "$t/edited/0003-edit.patch" "[PATCH] edit" "diff --git a/drivers/a.c b/drivers/a.c
+--- a/drivers/a.c
++++ b/drivers/a.c
+@@ -9,1 +9,2 @@
+ seven
++seven-edited"
+if "$apply" "$t/src" "$t/edited" > "$t/log8" 2>&1 && grep -q 'first 2 of 3 patches were applied before' "$t/log8" &&
+    ! grep -q 'applied with fuzz' "$t/log8" && grep -qx 'six-and-a-half' "$t/src/drivers/a.c" &&
+    grep -qx 'seven-edited' "$t/src/drivers/a.c" && [ "$(git -C "$t/src" rev-list --count HEAD)" = 4 ]; then
+    ok common_beginning_reused
+else
+    bad common_beginning_reused "$(cat "$t/log8"; tr '\n' ' ' < "$t/src/drivers/a.c")"
 fi
 echo local > "$t/src/drivers/a.c"
 if "$apply" "$t/src" > "$t/log6" 2>&1; then
