@@ -39,8 +39,9 @@ pub const REPORTS_SEEN: &str = "/tmp/gracevm-kernel-reports";
 
 /// How often a waiting runner looks at the kernel's taint.
 const WAIT_SLICE: Duration = Duration::from_secs(1);
-/// How long a test may go on after the kernel oopsed in another task.
-const STUCK_AFTER_OOPS: Duration = Duration::from_secs(20);
+/// How long a test may go on after the kernel oopsed in another task (the oops decides its
+/// result whatever it does next: this only lets it say what it saw).
+const STUCK_AFTER_OOPS: Duration = Duration::from_secs(10);
 /// How long to wait for a killed test process to go.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -48,6 +49,8 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Generous: on a loaded host the guest's vCPUs starve for whole seconds, and a drain cut
 /// short loses the test's result ("exited with status 0 without a result").
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// The same for a test process abandoned in the kernel: what it wrote is in the pipe already.
+const STUCK_DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// How the suite went.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -345,8 +348,13 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
             break None;
         }
     };
-    let stdout = stdout.recv_timeout(DRAIN_GRACE).unwrap_or_default();
-    let stderr = stderr.recv_timeout(DRAIN_GRACE).unwrap_or_default();
+    let grace = if stuck {
+        STUCK_DRAIN_GRACE
+    } else {
+        DRAIN_GRACE
+    };
+    let stdout = stdout.recv_timeout(grace).unwrap_or_default();
+    let stderr = stderr.recv_timeout(grace).unwrap_or_default();
     let (notes, report) = interpret(&stdout, &stderr, status);
     if stuck {
         return Ok((
