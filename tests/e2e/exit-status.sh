@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end checks of the harness itself, against real guests: a kernel panic, a hung guest,
 # bad input and Ctrl-C each end with their own exit status, in bounded time, and leave no
-# qemu or gracevm process behind. Prints KTAP; exits 1 when a check fails.
+# qemu or gracevm process behind; and a test chosen alone still waits for the carve-out fill
+# the VMM runs beside the boot. Prints KTAP; exits 1 when a check fails.
 #
 #   exit-status.sh GRACEVM OUTDIR      (kernel, initrd and level-1 come from GRACEVM_* env vars)
 set -u
@@ -14,7 +15,7 @@ export TMPDIR="$(cd "$out" && pwd)/tmp"
 mkdir -p "$TMPDIR"
 n=0
 failed=0
-total=6
+total=7
 
 leftovers() {
     pgrep -af "$TMPDIR/gracevm-stage" | grep -v pgrep || true
@@ -64,6 +65,11 @@ check guest_timeout 4 150 -- "$gracevm" run --cmd "sleep 100000" --timeout 15 --
 # at once with the panic status, as on the direct route; never a VMM failure or a timeout.
 check guest_fault 3 90 -- "$gracevm" run --cmd "/bin/gracevm-suite --mmio-without-syndrome" \
     --timeout 240 --out "$out/fault"
+
+# The VMM fills the carve-outs beside the boot (five GiB on four sockets take longer than
+# the boot): a test that reads them, run first, must wait for the fill, not read zeroes.
+check fill_awaited_when_first 0 240 -- "$gracevm" test --scenarios-dir tests/scenarios \
+    --scenario egm-four-sockets --tests carveout_pattern --timeout 200 --out "$out/fill"
 
 # Bad input: one clear message, nothing runs.
 check missing_kernel 2 5 -- "$gracevm" test --kernel /nonexistent/Image --out "$out/missing"
