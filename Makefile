@@ -117,8 +117,13 @@ export GRACEVM_INITRD    := $(abspath $(INITRD))
 export GRACEVM_L1_KERNEL := $(DEFAULT_IMAGE)
 export GRACEVM_BUSYBOX   := $(BUSYBOX)
 export GRACEVM_L1_VMM    := $(abspath $(L1_VMM))
-# What the kernel build recorded (for kcidb.json); a ready KERNEL= has none.
-export GRACEVM_BUILD_INFO := $(if $(KERNEL),,$(GUEST_KBUILD)/gracevm-build.json)
+# What the kernel build recorded (for kcidb.json); a ready KERNEL= has none (and an empty
+# variable would be a missing value to gracevm, not an absent one).
+ifeq ($(KERNEL),)
+export GRACEVM_BUILD_INFO := $(GUEST_KBUILD)/gracevm-build.json
+else
+unexport GRACEVM_BUILD_INFO
+endif
 
 # kcidb-io goes into the cache (a distribution's Python refuses system-wide pip installs).
 PY_CACHE = PYTHONPATH=$(CACHE)/python$${PYTHONPATH:+:$$PYTHONPATH}
