@@ -94,16 +94,37 @@ pub struct Printer {
     gpa: u64,
 }
 
+/// Why there is no [`Printer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrinterError {
+    /// This guest cannot hand the VMM a physical address (no locked page, no
+    /// /proc/self/pagemap in its kernel): nothing the VMM did.
+    NoAddress(String),
+    /// The VMM did not take the first line (one without PRINT answers BAD_REQUEST).
+    Refused(String),
+}
+
+impl fmt::Display for PrinterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrinterError::NoAddress(why) => write!(f, "no physical address to print from: {why}"),
+            PrinterError::Refused(why) => write!(f, "the VMM refused PRINT: {why}"),
+        }
+    }
+}
+
 impl Printer {
-    /// A printer through `dev`, once its first line went through (a VMM without PRINT
-    /// answers BAD_REQUEST).
-    pub fn new(dev: TestDev) -> Result<Printer, String> {
+    /// A printer through `dev`, once its first line went through.
+    pub fn new(dev: TestDev) -> Result<Printer, PrinterError> {
         let len = testdev::PRINT_MAX as usize;
-        let page = Mapping::locked(len).map_err(|e| format!("locked page: {e}"))?;
+        let page = Mapping::locked(len)
+            .map_err(|e| PrinterError::NoAddress(format!("locked page: {e}")))?;
         page.write_bytes(0, &[0]);
-        let gpa = crate::procfs::physical_address(page.addr())?;
+        let gpa = crate::procfs::physical_address(page.addr()).map_err(PrinterError::NoAddress)?;
         let printer = Printer { dev, page, gpa };
-        printer.print(b"# suite output through the test device (PRINT)\n")?;
+        printer
+            .print(b"# suite output through the test device (PRINT)\n")
+            .map_err(PrinterError::Refused)?;
         Ok(printer)
     }
 

@@ -19,7 +19,7 @@ use crate::ktap::note;
 use crate::outcome::{check, Checks, Outcome};
 use crate::procfs::{self, bytes, IomemEntry};
 use crate::registry::{Context, Test};
-use crate::testdev::{Status, TestDev};
+use crate::testdev::{PrinterError, Status, TestDev};
 
 pub const TESTS: &[Test] = &[
     Test::new("acpi_in_use", acpi_in_use).during_fill(),
@@ -679,8 +679,13 @@ fn print_checks(dev: TestDev, checks: &mut Checks) {
             format!("{what} ({gpa:#x}, {len} bytes): expected {expected}, observed {status}")
         });
     }
-    if let Err(why) = crate::testdev::Printer::new(dev) {
-        checks.fail(format!("PRINT of a line from a locked page: {why}"));
+    match crate::testdev::Printer::new(dev) {
+        Ok(_) => {}
+        // A kernel without /proc/self/pagemap: the suite prints to the UART, the VMM is fine.
+        Err(why @ PrinterError::NoAddress(_)) => {
+            note(format!("PRINT from a page not checked: {why}"))
+        }
+        Err(why) => checks.fail(format!("PRINT of a line from a locked page: {why}")),
     }
 }
 
