@@ -177,6 +177,8 @@ impl ConsoleOut for ConsoleSink {
         if self.mid_line && self.held.len() < HELD_MAX {
             self.held.extend_from_slice(&whole);
         } else {
+            // Lines held before these go first, so the log keeps the suite's order.
+            self.release_held();
             self.record(&whole);
         }
     }
@@ -288,6 +290,29 @@ gracevm-suite: running egm_b
             "KTAP version 1\n[ 1.0] BUG: KASAN: slab-use-after-free in egm_release\n\
              ok 1 a\ngracevm-suite: running b\nnot ok 2 b\n"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn test_printed_lines_past_the_hold_limit_keep_their_order() {
+        let dir = std::env::temp_dir().join(format!("gracevm-sink-held-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let mut sink = ConsoleSink::new(
+            Some(File::create(&path).unwrap()),
+            false,
+            None,
+            Arc::default(),
+        );
+        sink.uart(b"[ 1.0] a kernel line that never ends");
+        let first = vec![b'a'; HELD_MAX];
+        sink.lines(&first);
+        sink.lines(b"ok 2 after");
+        drop(sink);
+        let log = std::fs::read_to_string(&path).unwrap();
+        let a = log.find("aaaa").unwrap();
+        let after = log.find("ok 2 after").unwrap();
+        assert!(a < after, "held lines logged after later ones");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
