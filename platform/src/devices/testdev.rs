@@ -162,11 +162,11 @@ impl Probe {
         // words, and under nested emulation every instruction per word costs about a second.
         let found = match cmd {
             Cmd::Peek => {
-                let mut word = [0u8; 8];
-                if !self.memory.read(addr, &mut word) {
+                let mut bytes = [0u8; 8];
+                if !self.memory.read(addr, &mut bytes) {
                     return STATUS_OUTSIDE;
                 }
-                self.set64(R_VAL, u64::from_le_bytes(word));
+                self.set64(R_VAL, word(&bytes));
                 return STATUS_OK;
             }
             Cmd::CheckPattern => {

@@ -2,8 +2,8 @@
 //!
 //! The VMM parses the guest console as it streams, so every line goes out in a single
 //! `write` and is flushed at once, or, once [`print_through`] set it up, in a single PRINT of
-//! the test device (the runner's thread only: a test process writes to its pipe). Diagnostics of a test come before its result line, as
-//! KUnit and kselftest print them.
+//! the test device (the runner's thread only: a test process writes to its pipe).
+//! Diagnostics of a test come before its result line, as KUnit and kselftest print them.
 
 use std::cell::RefCell;
 use std::io::Write;
