@@ -18,12 +18,18 @@
 //! POWER is for a guest whose kernel can no longer shut down (an oops left a task holding a
 //! device lock, and device shutdown would wait on it forever): /init writes it instead.
 //!
-//! A command runs while the CMD write traps, so STATUS is final when the write returns. Every
-//! probed region holds [`pattern_word`] in every u64 until the guest writes it. The VMM may
-//! fill the carve-outs while the guest boots: until it is done every command answers
-//! [`STATUS_BUSY`] at once (an MMIO access held for seconds would stall the guest's CPU), and a
-//! guest that is about to let anything write there (opening /dev/egm zeroes a region) first
-//! repeats [`Cmd::AwaitFill`] until it answers [`STATUS_OK`].
+//! A command runs while the CMD write traps, so STATUS is final when the write returns.
+//!
+//! The boot pattern: a carve-out can hold [`pattern_word`] in every u64 until the guest writes
+//! it, so a test tells "never written" from "zeroed" anywhere in it. Filling costs seconds per
+//! GiB under nested emulation, so a test run fills only when the guest asks ([`Cmd::Fill`]),
+//! on a VMM thread beside the guest; a run with a shell or a command fills before the guest
+//! starts. Until a fill is asked for, the carve-outs hold zeroes (fresh memory) and
+//! CHECK_PATTERN and AWAIT_FILL answer [`STATUS_UNFILLED`]. While it runs, every command that
+//! reads a region answers [`STATUS_BUSY`] at once (an MMIO access held for seconds would stall
+//! the guest's CPU; a malformed or outside request is still answered), and a guest that is
+//! about to let anything write there (opening /dev/egm zeroes a region) first repeats
+//! [`Cmd::AwaitFill`] until it answers [`STATUS_OK`].
 //!
 //! [`Cmd::Print`] is the suite's output channel: under nested emulation every byte written to
 //! the UART is a trap to the VMM (about 0.7 ms each), so a scenario's 17 KB of KTAP cost more
@@ -63,11 +69,15 @@ pub enum Cmd {
     CheckPattern = 2,
     /// Every u64 in [ADDR, ADDR+LEN) equals VAL.
     CheckValue = 3,
-    /// [`STATUS_OK`] once every probed region holds its boot pattern (no operands).
+    /// [`STATUS_OK`] once every probed region holds its boot pattern (no operands); BUSY while
+    /// the fill runs; [`STATUS_UNFILLED`] when no fill was asked for.
     AwaitFill = 4,
     /// LEN bytes (1..=[`PRINT_MAX`], one or more whole lines) of guest RAM at ADDR are the
     /// suite's console output; [`STATUS_OUTSIDE`] if not backed by guest memory.
     Print = 5,
+    /// Start the boot-pattern fill of the carve-outs (no operands); [`STATUS_OK`] at once,
+    /// whether it starts now, runs already or is done. Ask before anything writes there.
+    Fill = 6,
 }
 
 /// The most a PRINT passes at once (one page).
@@ -81,6 +91,7 @@ impl Cmd {
             3 => Some(Cmd::CheckValue),
             4 => Some(Cmd::AwaitFill),
             5 => Some(Cmd::Print),
+            6 => Some(Cmd::Fill),
             _ => None,
         }
     }
@@ -92,6 +103,8 @@ pub const STATUS_OUTSIDE: u32 = 2;
 pub const STATUS_BAD_REQUEST: u32 = 3;
 /// The boot-pattern fill is still running: ask again a little later.
 pub const STATUS_BUSY: u32 = 4;
+/// No boot pattern: nothing asked for the fill ([`Cmd::Fill`]).
+pub const STATUS_UNFILLED: u32 = 5;
 pub const STATUS_NONE: u32 = 0xffff_ffff;
 
 /// The boot-time fill of probed regions: the u64 at byte `offset` of a region with `seed`.
@@ -114,6 +127,7 @@ mod tests {
             Cmd::CheckValue,
             Cmd::AwaitFill,
             Cmd::Print,
+            Cmd::Fill,
         ] {
             assert_eq!(Cmd::from_raw(c as u32), Some(c));
         }

@@ -11,8 +11,9 @@
 //! The probe registers let the in-guest suite ask the VMM what *it* sees in guest memory, so a
 //! test checks both sides: "the guest wrote X at offset O and it landed at carve-out offset O".
 //! Only the observable regions the VMM registered (carve-outs, GPU memory) can be probed.
-//! Each holds [`pattern_word`]`(seed, offset)` in every u64 until the guest writes it; while the
-//! VMM still fills them every command answers [`STATUS_BUSY`].
+//! Once the guest asks for the fill (FILL), each carve-out holds [`pattern_word`]`(seed,
+//! offset)` in every u64 until the guest writes it; while the VMM fills, a command that reads a
+//! region answers [`STATUS_BUSY`].
 //!
 //! Every other access (other sizes, unaligned or reserved offsets, offsets at or beyond 0x1000,
 //! writes to ID, wrong or repeated BOOT writes) is logged and ignored; such reads return 0.
@@ -34,7 +35,7 @@ const NAME: &str = "testdev";
 // in-guest suite: one definition, in gracevm-contract.
 pub use gracevm_contract::testdev::{
     pattern_word, Cmd, BOOT_MAGIC, DEVICE_ID, STATUS_BAD_REQUEST, STATUS_BUSY, STATUS_MISMATCH,
-    STATUS_NONE, STATUS_OK, STATUS_OUTSIDE,
+    STATUS_NONE, STATUS_OK, STATUS_OUTSIDE, STATUS_UNFILLED,
 };
 use gracevm_contract::testdev::{
     ACCESS_SIZE, ADDR as PROBE_FIRST, BOOT, ID, LAST as PROBE_LAST, POWER, POWER_OFF_MAGIC,
@@ -49,15 +50,26 @@ pub struct ProbeRegion {
     pub seed: u64,
 }
 
+/// Where the boot-pattern fill of the probed regions stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillState {
+    /// Nothing asked for it: the regions hold what the guest wrote over fresh (zero) memory.
+    Unasked,
+    Running,
+    /// Finished (or abandoned because the run ended).
+    Done,
+}
+
 /// The VMM's view of guest memory, for probes.
 pub trait MemoryProbe: Send {
     /// Read guest-physical `gpa..gpa+buf.len()` from the VMM's backing; false if unmapped.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
 
-    /// Whether the boot pattern is in place in every probed region (a fill may still run).
-    fn filled(&self) -> bool {
-        true
-    }
+    /// Where the boot-pattern fill stands.
+    fn fill_state(&self) -> FillState;
+
+    /// The guest asked for the fill (FILL): start it unless it started already.
+    fn request_fill(&self);
 }
 
 /// A decoded register.
@@ -130,15 +142,22 @@ impl Probe {
         let Some(cmd) = Cmd::from_raw(raw) else {
             return STATUS_BAD_REQUEST;
         };
-        // PRINT does not touch the regions the fill writes; every other command reads them,
-        // or just asks about the fill.
-        if cmd != Cmd::Print && !self.memory.filled() {
-            return STATUS_BUSY;
-        }
+        let fill = self.memory.fill_state();
         let addr = self.get64(R_ADDR);
         let len = match cmd {
+            // PRINT does not touch the regions the fill writes.
             Cmd::Print => return self.print(),
-            Cmd::AwaitFill => return STATUS_OK,
+            Cmd::Fill => {
+                self.memory.request_fill();
+                return STATUS_OK;
+            }
+            Cmd::AwaitFill => {
+                return match fill {
+                    FillState::Unasked => STATUS_UNFILLED,
+                    FillState::Running => STATUS_BUSY,
+                    FillState::Done => STATUS_OK,
+                }
+            }
             Cmd::Peek => 8,
             Cmd::CheckPattern | Cmd::CheckValue => self.get64(R_LEN),
         };
@@ -156,6 +175,13 @@ impl Probe {
         else {
             return STATUS_OUTSIDE;
         };
+        // A well-formed request that reads a region waits for a running fill; a pattern
+        // nothing asked for is not there to compare.
+        match (fill, cmd) {
+            (FillState::Running, _) => return STATUS_BUSY,
+            (FillState::Unasked, Cmd::CheckPattern) => return STATUS_UNFILLED,
+            _ => {}
+        }
         let value = self.get64(R_VAL);
         let from = addr - region.base;
         // Each check is its own loop with the expected word inlined: a 1 GiB region is 128 Mi
@@ -555,6 +581,12 @@ mod tests {
             buf.copy_from_slice(src);
             true
         }
+
+        fn fill_state(&self) -> FillState {
+            FillState::Done
+        }
+
+        fn request_fill(&self) {}
     }
 
     fn probed() -> (TestDev, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
@@ -578,37 +610,60 @@ mod tests {
         read32(dev, STATUS)
     }
 
-    /// Memory whose fill has finished once the flag is set.
-    struct LazyMemory(FakeMemory, Arc<AtomicBool>);
+    /// Memory whose fill starts when asked and ends when the test says.
+    struct LazyMemory(FakeMemory, Arc<std::sync::Mutex<FillState>>);
 
     impl MemoryProbe for LazyMemory {
         fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
             self.0.read(gpa, buf)
         }
 
-        fn filled(&self) -> bool {
-            self.1.load(std::sync::atomic::Ordering::Relaxed)
+        fn fill_state(&self) -> FillState {
+            *self.1.lock().unwrap()
+        }
+
+        fn request_fill(&self) {
+            let mut state = self.1.lock().unwrap();
+            if *state == FillState::Unasked {
+                *state = FillState::Running;
+            }
         }
     }
 
     #[test]
-    fn test_probe_commands_busy_until_the_fill_is_done() {
+    fn test_probe_fill_only_when_asked_and_busy_until_done() {
         let (_, mem) = probed();
-        let done = Arc::new(AtomicBool::new(false));
-        let lazy = LazyMemory(FakeMemory(mem), done.clone());
+        let state = Arc::new(std::sync::Mutex::new(FillState::Unasked));
+        let lazy = LazyMemory(FakeMemory(mem), state.clone());
         let mut dev = started_a_second_ago().with_probe(vec![REGION], Box::new(lazy));
+        let (base, size) = (REGION.base, REGION.size);
+        // Nothing asked: no pattern to compare or wait for, but memory reads as it is.
+        assert_eq!(probe(&mut dev, Cmd::AwaitFill, 0, 0, 0), STATUS_UNFILLED);
+        assert_eq!(
+            probe(&mut dev, Cmd::CheckPattern, base, size, 0),
+            STATUS_UNFILLED
+        );
+        assert_eq!(probe(&mut dev, Cmd::Peek, base, 0, 0), STATUS_OK);
+        assert_eq!(probe(&mut dev, Cmd::Fill, 0, 0, 0), STATUS_OK);
+        assert_eq!(*state.lock().unwrap(), FillState::Running);
         assert_eq!(probe(&mut dev, Cmd::AwaitFill, 0, 0, 0), STATUS_BUSY);
         assert_eq!(
-            probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size, 0),
+            probe(&mut dev, Cmd::CheckPattern, base, size, 0),
             STATUS_BUSY,
             "no check reads a region being filled"
         );
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(probe(&mut dev, Cmd::AwaitFill, 0, 0, 0), STATUS_OK);
+        assert_eq!(probe(&mut dev, Cmd::Peek, base, 0, 0), STATUS_BUSY);
+        // What needs no memory is answered while the fill runs.
         assert_eq!(
-            probe(&mut dev, Cmd::CheckPattern, REGION.base, REGION.size, 0),
-            STATUS_OK
+            probe(&mut dev, Cmd::CheckPattern, base + 4, 8, 0),
+            STATUS_BAD_REQUEST
         );
+        assert_eq!(probe(&mut dev, Cmd::CheckPattern, 0, 8, 0), STATUS_OUTSIDE);
+        // A second FILL does not restart anything.
+        assert_eq!(probe(&mut dev, Cmd::Fill, 0, 0, 0), STATUS_OK);
+        *state.lock().unwrap() = FillState::Done;
+        assert_eq!(probe(&mut dev, Cmd::AwaitFill, 0, 0, 0), STATUS_OK);
+        assert_eq!(probe(&mut dev, Cmd::CheckPattern, base, size, 0), STATUS_OK);
     }
 
     #[test]
@@ -713,7 +768,10 @@ mod tests {
     fn test_print_passes_guest_text_to_the_console_even_while_filling() {
         let (_, mem) = probed();
         mem.lock().unwrap()[0x100..0x10c].copy_from_slice(b"ok 1 first\n\0");
-        let busy = LazyMemory(FakeMemory(mem), Arc::default());
+        let busy = LazyMemory(
+            FakeMemory(mem),
+            Arc::new(std::sync::Mutex::new(FillState::Running)),
+        );
         let console = Arc::new(std::sync::Mutex::new(Recorder::default()));
         let mut dev = started_a_second_ago()
             .with_probe(vec![REGION], Box::new(busy))

@@ -1,16 +1,17 @@
 //! Guest RAM: anonymous host mappings, one KVM memslot each.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use log::{info, warn};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::devices::testdev::ProbeRegion;
+use crate::devices::testdev::{FillState, ProbeRegion};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -47,44 +48,97 @@ pub fn create(vm: &VmFd, ranges: &[(u64, u64)]) -> Result<GuestMemory> {
     Ok(mem)
 }
 
-/// Whether the fill has finished (or was abandoned because the run ended).
-#[derive(Debug, Default)]
+const UNASKED: u8 = 0;
+const RUNNING: u8 = 1;
+const DONE: u8 = 2;
+
+type FillJob = Box<dyn FnOnce() -> Option<Duration> + Send>;
+
+/// The fill as the test device sees it: its state, and the guest's request to start it.
 pub struct FillGate {
-    done: AtomicBool,
+    state: AtomicU8,
     stop: AtomicBool,
+    /// The fill not yet started (taken by the first request).
+    job: Mutex<Option<FillJob>>,
+    /// The running fill; it returns how long it took, or None if it was stopped.
+    thread: Mutex<Option<JoinHandle<Option<Duration>>>>,
+}
+
+impl std::fmt::Debug for FillGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FillGate")
+            .field("state", &self.state())
+            .finish()
+    }
 }
 
 impl FillGate {
-    /// Whether the fill is over.
-    pub fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
+    pub fn state(&self) -> FillState {
+        match self.state.load(Ordering::Acquire) {
+            UNASKED => FillState::Unasked,
+            RUNNING => FillState::Running,
+            _ => FillState::Done,
+        }
     }
 
-    fn open(&self) {
-        self.done.store(true, Ordering::Release);
+    /// Start the fill on a thread of its own unless it started already (the guest's FILL).
+    pub fn request(self: &Arc<Self>) {
+        let Some(job) = lock(&self.job).take() else {
+            return;
+        };
+        self.state.store(RUNNING, Ordering::Release);
+        info!("carve-out pattern fill asked for by the guest");
+        let gate = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pattern-fill".into())
+            .spawn(move || {
+                let took = job();
+                gate.state.store(DONE, Ordering::Release);
+                took
+            });
+        match spawned {
+            Ok(t) => *lock(&self.thread) = Some(t),
+            Err(e) => {
+                // The guest then sees a finished fill whose checks fail: the log says why.
+                warn!("cannot start the carve-out fill thread: {e}");
+                self.state.store(DONE, Ordering::Release);
+            }
+        }
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The boot pattern of the carve-outs. Filling a 1 GiB carve-out takes seconds when the VMM
-/// itself runs under emulation, so test runs fill on a thread of their own beside the guest's
-/// boot; the guest polls for it (the test device's AwaitFill) before anything may write there.
-/// Dropping it stops the thread and joins it.
+/// itself runs under emulation, so a test run fills only when the guest asks for it (the test
+/// device's FILL, sent by a suite with a test that needs the pattern), on a thread of its own;
+/// the guest polls for it (AWAIT_FILL) before anything may write there. A run with a shell or
+/// a command fills before the guest starts. Dropping it stops the thread and joins it.
 pub struct PatternFill {
     gate: Arc<FillGate>,
-    /// The background fill; it returns how long the fill took, or None if it was stopped.
-    thread: Option<JoinHandle<Option<Duration>>>,
     /// How long a fill made before `start` returned took.
     took: Option<Duration>,
 }
 
+/// When [`PatternFill::start`] fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillWhen {
+    /// Before returning.
+    Now,
+    /// When the guest asks ([`FillGate::request`]).
+    OnRequest,
+}
+
 impl PatternFill {
-    /// Start filling each region of `regions` with `word(region.seed, offset)` in every u64;
-    /// `background` false fills before returning.
+    /// Fill each region of `regions` with `word(region.seed, offset)` in every u64, `when`
+    /// told.
     pub fn start<W>(
         mem: &GuestMemory,
         regions: &[ProbeRegion],
         word: W,
-        background: bool,
+        when: FillWhen,
     ) -> Result<Self>
     where
         W: Fn(u64, u64) -> u64 + Copy + Send + 'static,
@@ -98,31 +152,29 @@ impl PatternFill {
                     format!("{:#x}+{:#x} is not one guest memory region", r.base, r.size)
                 })?;
         }
-        let gate = Arc::new(FillGate::default());
+        let gate = Arc::new(FillGate {
+            state: AtomicU8::new(UNASKED),
+            stop: AtomicBool::new(false),
+            job: Mutex::new(None),
+            thread: Mutex::new(None),
+        });
         let job = {
-            let (gate, mem, regions) = (gate.clone(), mem.clone(), regions.to_vec());
+            let (stopper, mem, regions) = (gate.clone(), mem.clone(), regions.to_vec());
             move || {
                 let started = Instant::now();
                 for r in regions {
-                    fill_words(&mem, r, word, &gate.stop);
+                    fill_words(&mem, r, word, &stopper.stop);
                 }
-                gate.open();
-                (!gate.stop.load(Ordering::Relaxed)).then(|| started.elapsed())
+                (!stopper.stop.load(Ordering::Relaxed)).then(|| started.elapsed())
             }
         };
-        let mut fill = Self {
-            gate,
-            thread: None,
-            took: None,
-        };
-        if background {
-            let t = std::thread::Builder::new()
-                .name("pattern-fill".into())
-                .spawn(job)
-                .context("spawning the carve-out fill thread")?;
-            fill.thread = Some(t);
-        } else {
-            fill.took = job();
+        let mut fill = Self { gate, took: None };
+        match when {
+            FillWhen::Now => {
+                fill.took = job();
+                fill.gate.state.store(DONE, Ordering::Release);
+            }
+            FillWhen::OnRequest => *lock(&fill.gate.job) = Some(Box::new(job)),
         }
         Ok(fill)
     }
@@ -131,18 +183,23 @@ impl PatternFill {
         self.gate.clone()
     }
 
-    /// Stop the fill if it still runs; how long it took if it had finished.
+    /// Stop the fill if it still runs; how long it took if it ran to its end (None also when
+    /// nothing asked for it).
     pub fn finish(mut self) -> Option<Duration> {
         self.stop()
     }
 
     fn stop(&mut self) -> Option<Duration> {
         self.gate.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        // A fill asked for from now on has nothing to do.
+        lock(&self.gate.job).take();
+        if let Some(t) = lock(&self.gate.thread).take() {
             self.took = t.join().ok().flatten();
         }
         // A guest still polling must not wait for a fill that will never end.
-        self.gate.open();
+        if self.gate.state() == FillState::Running {
+            self.gate.state.store(DONE, Ordering::Release);
+        }
         self.took
     }
 }

@@ -33,7 +33,7 @@ use firmware::layout::{self, MIB};
 use firmware::{BootParams, MemoryMap, Resolved};
 
 use crate::devices::pl011::Pl011;
-use crate::devices::testdev::{pattern_word, MemoryProbe, ProbeRegion, TestDev};
+use crate::devices::testdev::{pattern_word, FillState, MemoryProbe, ProbeRegion, TestDev};
 use crate::devices::{IrqLine, MmioBus, SharedConsole, UartOut};
 use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
 use crate::vcpu_exit::GuestEvent;
@@ -95,7 +95,12 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let vm = Arc::new(create_vm(platform)?);
     let map = platform.map();
     let mem = memory::create(&vm, &memory_ranges(map))?;
-    let (probe_regions, fill) = fill_observable(&mem, map, !spec.eager_fill)?;
+    let when = if spec.eager_fill {
+        memory::FillWhen::Now
+    } else {
+        memory::FillWhen::OnRequest
+    };
+    let (probe_regions, fill) = fill_observable(&mem, map, when)?;
     let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
     let _gic = gic::Gic::create(&vm)?;
     load_guest(&mem, &spec, &vcpus)?;
@@ -126,11 +131,16 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
         power_off: &devices.power_off,
     };
     let end = event_loop(&wake, &rx, devices.uart.clone(), &ends)?;
-    if let Some(took) = fill.finish() {
-        info!(
+    let asked = fill.gate().state() != FillState::Unasked;
+    match fill.finish() {
+        Some(took) => info!(
             "carve-out pattern fill took {:.1} ms",
             took.as_secs_f64() * 1e3
-        );
+        ),
+        None if !asked && !map.carve_outs.is_empty() => {
+            info!("carve-out pattern fill: not asked for (no test of this run needed it)")
+        }
+        None => {}
     }
     // Every vCPU stopped before the boot time is read and the memory goes.
     drop(running);
@@ -323,12 +333,12 @@ impl Devices {
 }
 
 /// Fill each carve-out with its boot pattern (so a test can tell "never written" from
-/// "zeroed" from "written by the guest"), in the background unless told otherwise, and list
-/// every range the guest may probe.
+/// "zeroed" from "written by the guest"), `when` told, and list every range the guest may
+/// probe.
 fn fill_observable(
     mem: &memory::GuestMemory,
     map: &MemoryMap,
-    background: bool,
+    when: memory::FillWhen,
 ) -> Result<(Vec<ProbeRegion>, memory::PatternFill)> {
     let mut regions: Vec<ProbeRegion> = map
         .carve_outs
@@ -339,7 +349,7 @@ fn fill_observable(
             seed: guest::carveout_seed(c.pxm),
         })
         .collect();
-    let fill = memory::PatternFill::start(mem, &regions, pattern_word, background)
+    let fill = memory::PatternFill::start(mem, &regions, pattern_word, when)
         .context("filling the carve-outs with their boot pattern")?;
     // GPU memory starts zeroed, as fresh RAM does; it is probed with PEEK/CHECK_VALUE.
     regions.extend(map.gpus.iter().map(|g| ProbeRegion {
@@ -361,8 +371,12 @@ impl MemoryProbe for GuestProbe {
         self.mem.read_slice(buf, GuestAddress(gpa)).is_ok()
     }
 
-    fn filled(&self) -> bool {
-        self.fill.is_done()
+    fn fill_state(&self) -> FillState {
+        self.fill.state()
+    }
+
+    fn request_fill(&self) {
+        self.fill.request();
     }
 }
 

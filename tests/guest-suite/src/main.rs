@@ -70,8 +70,8 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    // Under gracevm the suite prints through the test device, and waits for the carve-out
-    // fill before the first test that needs it. Elsewhere: stdout, and no fill to wait for.
+    // Under gracevm the suite prints through the test device, and asks for the carve-out fill
+    // when a test needs it. Elsewhere: stdout, and no fill.
     let fill = testdev::TestDev::from_env(&env).ok();
     if let Ok(dev) = testdev::TestDev::from_env(&env) {
         match testdev::Printer::new(dev) {

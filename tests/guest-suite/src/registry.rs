@@ -46,6 +46,10 @@ pub struct Test {
     /// Writes nothing to the carve-outs, and reads them only through the test device (which
     /// waits for the fill): it may run while the VMM still fills them.
     pub during_fill: bool,
+    /// Needs nothing of the carve-outs, though it is not [`Test::during_fill`]: it compares no
+    /// boot pattern and makes nothing write there (it binds GPUs or reads sysfs, which must
+    /// not happen during a fill: a driver writing a region at probe would be overwritten).
+    pub no_carveouts: bool,
 }
 
 impl Test {
@@ -58,6 +62,7 @@ impl Test {
             timeout: Test::DEFAULT_TIMEOUT,
             known: None,
             during_fill: false,
+            no_carveouts: false,
         }
     }
 
@@ -66,6 +71,20 @@ impl Test {
             during_fill: true,
             ..self
         }
+    }
+
+    pub const fn no_carveouts(self) -> Test {
+        Test {
+            no_carveouts: true,
+            ..self
+        }
+    }
+
+    /// Whether the VMM must fill the carve-outs with their boot pattern before this test: it
+    /// compares the pattern, or something may write there (opening /dev/egm zeroes a region).
+    /// A run without such a test asks for no fill (seconds per GiB under nested emulation).
+    pub const fn needs_fill(&self) -> bool {
+        !self.during_fill && !self.no_carveouts
     }
 
     pub const fn with_known(self, known: KnownFn) -> Test {

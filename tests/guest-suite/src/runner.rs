@@ -90,14 +90,20 @@ const LOG_SETTLE: Duration = Duration::from_millis(100);
 /// Each test's window of the kernel log is judged too ([`judge`]): a kernel report during a
 /// test fails it, or makes it XFAIL when the test names the review finding it reproduces.
 ///
-/// `fill`: the test device, under gracevm. Opening /dev/egm zeroes a region, so the VMM's boot
-/// pattern must be in place before it (or the fill would overwrite what the driver wrote):
-/// the first test not marked [`Test::during_fill`] waits for it.
-pub fn run_all(tests: &[Test], warnings: &[String], mut fill: Option<TestDev>) -> Totals {
+/// `dev`: the test device, under gracevm. When a test needs the VMM's boot pattern in the
+/// carve-outs ([`Test::needs_fill`]) the VMM is asked to fill them at once, beside the first
+/// tests. Opening /dev/egm zeroes a region, so the fill must be over before it (or it would
+/// overwrite what the driver wrote): the first test not marked [`Test::during_fill`] waits
+/// for it. Without such a test nothing is filled (seconds per GiB under nested emulation).
+pub fn run_all(tests: &[Test], warnings: &[String], dev: Option<TestDev>) -> Totals {
     ktap::emit(ktap::HEADER);
     ktap::emit(&ktap::plan(tests.len()));
     for warning in warnings {
         ktap::note(format!("gracevm env: {warning}"));
+    }
+    let mut fill = dev.filter(|_| tests.iter().any(Test::needs_fill));
+    if let Some(Err(why)) = fill.as_ref().map(TestDev::start_fill) {
+        ktap::note(format!("asking for the carve-out fill: {why}"));
     }
     let exe = self_exe();
     if exe.is_none() {

@@ -52,6 +52,8 @@ pub enum Status {
     Outside,
     /// Unaligned address, bad length or unknown command.
     BadRequest,
+    /// No boot pattern to compare: nothing asked the VMM for the fill.
+    Unfilled,
     /// No command has run yet.
     None,
     Unknown(u32),
@@ -64,6 +66,9 @@ impl fmt::Display for Status {
             Status::Mismatch { at } => write!(f, "MISMATCH at +{at:#x}"),
             Status::Outside => f.write_str("OUTSIDE"),
             Status::BadRequest => f.write_str("BAD_REQUEST"),
+            Status::Unfilled => {
+                f.write_str("UNFILLED (no boot pattern: the fill was not asked for)")
+            }
             Status::None => f.write_str("NONE (no command ran)"),
             Status::Unknown(raw) => write!(f, "unknown status {raw:#x}"),
         }
@@ -78,6 +83,7 @@ impl Status {
             testdev::STATUS_MISMATCH => Status::Mismatch { at: at() },
             testdev::STATUS_OUTSIDE => Status::Outside,
             testdev::STATUS_BAD_REQUEST => Status::BadRequest,
+            testdev::STATUS_UNFILLED => Status::Unfilled,
             testdev::STATUS_NONE => Status::None,
             raw => Status::Unknown(raw),
         }
@@ -266,12 +272,21 @@ impl<R: Registers> TestDev<R> {
         Status::from_raw(self.regs.read32(STATUS), || self.read64(WHERE))
     }
 
-    /// Returns once the VMM has put the boot pattern in every probed region (it may fill the
-    /// carve-outs while the guest boots).
+    /// Asks the VMM to put the boot pattern in the carve-outs, on a thread of its own: it
+    /// returns at once; [`TestDev::await_fill`] waits for the end.
+    pub fn start_fill(&self) -> Result<(), String> {
+        match self.command(Cmd::Fill, 0, 0, 0)? {
+            Status::Ok => Ok(()),
+            other => Err(format!("FILL answered {other}")),
+        }
+    }
+
+    /// Returns once the VMM has put the boot pattern in every probed region (after
+    /// [`TestDev::start_fill`]).
     pub fn await_fill(&self) -> Result<(), String> {
         match self.command(Cmd::AwaitFill, 0, 0, 0)? {
             Status::Ok => Ok(()),
-            other => Err(format!("AWAIT_FILL answered {other:?}")),
+            other => Err(format!("AWAIT_FILL answered {other}")),
         }
     }
 

@@ -27,13 +27,21 @@ use crate::testdev::{Status, TestDev};
 use crate::vfio::{self, Device, NoIommuDevice, RegionInfo, SparseArea};
 
 pub const TESTS: &[Test] = &[
-    Test::new("gpu_enumerated", gpu_enumerated),
-    Test::new("gpu_no_autobind", gpu_no_autobind),
+    Test::new("gpu_enumerated", gpu_enumerated).no_carveouts(),
+    Test::new("gpu_no_autobind", gpu_no_autobind).no_carveouts(),
     // A never-ready GPU's probe alone takes 30 s.
-    Test::new("gpu_bind", gpu_bind).with_timeout(Duration::from_secs(120)),
-    Test::new("gpu_probe_timeout", gpu_probe_timeout).with_timeout(Duration::from_secs(90)),
-    Test::new("gpu_vfio_regions", gpu_vfio_regions).with_timeout(Duration::from_secs(90)),
-    Test::new("gpu_usemem_mmap", gpu_usemem_mmap).with_timeout(Duration::from_secs(90)),
+    Test::new("gpu_bind", gpu_bind)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(120)),
+    Test::new("gpu_probe_timeout", gpu_probe_timeout)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(90)),
+    Test::new("gpu_vfio_regions", gpu_vfio_regions)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(90)),
+    Test::new("gpu_usemem_mmap", gpu_usemem_mmap)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(90)),
 ];
 
 /// PCI class of a 3D controller (base 0x03, sub-class 0x02), `class >> 8`.

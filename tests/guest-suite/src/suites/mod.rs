@@ -37,4 +37,42 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn test_fill_asked_for_exactly_by_tests_that_touch_the_carveouts() {
+        let fill = |name: &str| {
+            all()
+                .into_iter()
+                .find(|t| t.name == name)
+                .map(|t| t.needs_fill())
+        };
+        // The boot pattern's own checks, and a test that writes the regions (open zeroes).
+        for name in [
+            "carveout_pattern",
+            "carveout_write_seen_by_vmm",
+            "egm_open_zeroes",
+        ] {
+            assert_eq!(fill(name), Some(true), "{name}");
+        }
+        for name in [
+            "egm_mmap_whole",
+            "egm_retired_table_limits",
+            "egm_remove_while_open",
+        ] {
+            assert_eq!(fill(name), Some(true), "{name}");
+        }
+        // Binding GPUs, reading sysfs: a scenario of only these is never filled.
+        for name in [
+            "kernel_config",
+            "gpu_bind",
+            "egm_device_created",
+            "egm_parallel_probe",
+        ] {
+            assert_eq!(fill(name), Some(false), "{name}");
+        }
+        // A test that may run during the fill needs none: one flag says it, not both.
+        for t in all() {
+            assert!(!(t.during_fill && t.no_carveouts), "{}: both flags", t.name);
+        }
+    }
 }

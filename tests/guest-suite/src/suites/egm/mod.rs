@@ -57,9 +57,15 @@ use retired_pages::{
 use rmmod::{known_module_exit, rmmod_orders, rmmod_while_open};
 
 pub const TESTS: &[Test] = &[
-    Test::new("egm_device_created", device_created).with_timeout(Duration::from_secs(120)),
-    Test::new("egm_minor_reserved", minor_reserved).with_timeout(Duration::from_secs(120)),
-    Test::new("egm_size_sysfs", size_sysfs).with_timeout(Duration::from_secs(120)),
+    Test::new("egm_device_created", device_created)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(120)),
+    Test::new("egm_minor_reserved", minor_reserved)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(120)),
+    Test::new("egm_size_sysfs", size_sysfs)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(120)),
     Test::new("egm_open_zeroes", open_zeroes).with_timeout(Duration::from_secs(300)),
     Test::new("egm_mmap_whole", mmap_whole).with_timeout(Duration::from_secs(180)),
     Test::new("egm_mmap_bounds", mmap_bounds).with_timeout(Duration::from_secs(180)),
@@ -78,13 +84,18 @@ pub const TESTS: &[Test] = &[
     Test::new("egm_open_exclusive", open_exclusive)
         .with_timeout(Duration::from_secs(300))
         .with_known(known_multi_open),
-    Test::new("egm_missing_properties", missing_properties).with_timeout(Duration::from_secs(300)),
+    Test::new("egm_missing_properties", missing_properties)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(300)),
     Test::new("egm_poison", poison).with_timeout(Duration::from_secs(240)),
     Test::new("egm_poison_race", poison_race)
         .with_timeout(Duration::from_secs(240))
         .with_known(known_no_locking),
-    Test::new("egm_shared_region", shared_region).with_timeout(Duration::from_secs(300)),
+    Test::new("egm_shared_region", shared_region)
+        .no_carveouts()
+        .with_timeout(Duration::from_secs(300)),
     Test::new("egm_parallel_probe", parallel_probe)
+        .no_carveouts()
         .with_timeout(Duration::from_secs(300))
         .with_known(known_no_locking),
     Test::new("egm_rmmod_while_open", rmmod_while_open)
@@ -92,6 +103,7 @@ pub const TESTS: &[Test] = &[
         .with_known(known_module_exit),
     Test::new("egm_rmmod_orders", rmmod_orders).with_timeout(Duration::from_secs(180)),
     Test::new("egm_probe_fault_sweep", probe_fault_sweep)
+        .no_carveouts()
         .with_timeout(Duration::from_secs(900))
         .with_known(known_probe_fault),
     Test::new("egm_unbind_while_open", unbind_while_open)
