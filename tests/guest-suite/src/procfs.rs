@@ -207,6 +207,31 @@ pub fn root_fstype(mounts: &str) -> Option<&str> {
 }
 
 /// The kernel log ring buffer (`dmesg`), through syslog(2) `SYSLOG_ACTION_READ_ALL`.
+/// The state letter of a task from its `/proc/<pid>/task/<tid>/stat` line (`R`, `S`, `D`,
+/// `Z`, ...): the field after the command name, which may itself hold spaces and parentheses.
+pub fn task_state(stat: &str) -> Option<char> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
+}
+
+/// Whether every task of process `pid` is in uninterruptible sleep or dead (`D`, `Z`, `X`):
+/// after an oops, one that holds a lock the dead task left held never wakes, and a SIGKILL
+/// cannot reach it. False when the process cannot be read or has no task.
+pub fn blocked_for_good(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        match task_state(&stat) {
+            Some('D' | 'Z' | 'X') => any = true,
+            _ => return false,
+        }
+    }
+    any
+}
+
 pub fn kernel_log() -> Result<String, String> {
     const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
     const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
@@ -421,5 +446,13 @@ mod tests {
         assert_eq!(bytes(536_870_912), "536870912 (512 MiB)");
         assert_eq!(bytes(3 << 30), "3221225472 (3 GiB)");
         assert_eq!(bytes(12), "12");
+    }
+
+    #[test]
+    fn test_task_state_after_a_command_with_parentheses() {
+        assert_eq!(task_state("91 (gracevm-suite) D 1 91 91 0"), Some('D'));
+        assert_eq!(task_state("7 (a) b) (c) S 1 2"), Some('S'));
+        assert_eq!(task_state("garbage"), None);
+        assert_eq!(task_state("1 (x)"), None);
     }
 }

@@ -26,6 +26,7 @@ use crate::kconfig;
 use crate::kmsg::{self, Kmsg};
 use crate::ktap;
 use crate::outcome::Outcome;
+use crate::procfs;
 use crate::registry::{Context, Test};
 use crate::testdev::TestDev;
 
@@ -44,6 +45,10 @@ const WAIT_SLICE: Duration = Duration::from_secs(1);
 const STUCK_AFTER_OOPS: Duration = Duration::from_secs(10);
 /// How long to wait for a killed test process to go.
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// After an oops, a test process whose every thread stays in uninterruptible sleep this long
+/// is taken as stuck for good (it holds or waits for what the dead task left locked) rather
+/// than waited for until [`STUCK_AFTER_OOPS`].
+const BLOCKED_AFTER_OOPS: Duration = Duration::from_secs(2);
 
 /// How long to wait for a finished child's output pipes to close (a grandchild may hold them).
 /// Generous: on a loaded host the guest's vCPUs starve for whole seconds, and a drain cut
@@ -341,6 +346,7 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
     let died_before = kmsg::kernel_died();
     let deadline = Instant::now() + test.timeout;
     let mut after_oops: Option<Instant> = None;
+    let mut blocked_since: Option<Instant> = None;
     let mut stuck = false;
     let status = loop {
         match done_rx.recv_timeout(WAIT_SLICE) {
@@ -352,11 +358,20 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
         if !died_before && after_oops.is_none() && kmsg::kernel_died() {
             after_oops = Some(now + STUCK_AFTER_OOPS);
         }
-        stuck = after_oops.is_some_and(|t| now >= t);
+        if after_oops.is_some() && procfs::blocked_for_good(pid) {
+            blocked_since.get_or_insert(now);
+        } else {
+            blocked_since = None;
+        }
+        stuck = after_oops.is_some_and(|t| now >= t)
+            || blocked_since.is_some_and(|t| now.duration_since(t) >= BLOCKED_AFTER_OOPS);
         if now >= deadline || stuck {
             kill_group(pid);
-            // A process in uninterruptible sleep does not die: leave it after a grace.
-            let _ = done_rx.recv_timeout(KILL_GRACE);
+            // A process in uninterruptible sleep does not die: leave it after a grace (none
+            // when every thread of it already sleeps so).
+            if !procfs::blocked_for_good(pid) {
+                let _ = done_rx.recv_timeout(KILL_GRACE);
+            }
             break None;
         }
     };
@@ -369,11 +384,18 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
     let stderr = stderr.recv_timeout(grace).unwrap_or_default();
     let (notes, report) = interpret(&stdout, &stderr, status);
     if stuck {
+        let how = if blocked_since.is_some() {
+            format!(
+                "in uninterruptible sleep for {} s",
+                BLOCKED_AFTER_OOPS.as_secs()
+            )
+        } else {
+            format!("stuck in the kernel {} s", STUCK_AFTER_OOPS.as_secs())
+        };
         return Ok((
             notes,
             Report::Done(Outcome::fail(format!(
-                "{DIED} was stuck in the kernel {} s after an oops in another task; abandoned",
-                STUCK_AFTER_OOPS.as_secs()
+                "{DIED} was {how} after an oops in another task; abandoned"
             ))),
         ));
     }
