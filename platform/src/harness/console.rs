@@ -34,9 +34,8 @@ pub struct ConsoleSink {
     echo: bool,
     /// Print KTAP result lines to stderr as they arrive (progress in test runs).
     progress: Option<String>,
+    /// The UART's current line so far: not empty while the UART is in the middle of a line.
     line: Vec<u8>,
-    /// The UART is in the middle of a line (its last byte was not a newline).
-    mid_line: bool,
     /// PRINT lines waiting for the UART's line to end before they go to the log.
     held: Vec<u8>,
     /// The start of a suite line a kernel message broke into, waiting for its rest.
@@ -52,7 +51,6 @@ impl ConsoleSink {
             echo,
             progress,
             line: Vec::new(),
-            mid_line: false,
             held: Vec::new(),
             broken: None,
             captured: Arc::default(),
@@ -157,8 +155,7 @@ impl ConsoleOut for ConsoleSink {
                     self.line.push(b);
                 }
             }
-            self.mid_line = !chunk.ends_with(b"\n");
-            if !self.mid_line && !self.held.is_empty() {
+            if self.line.is_empty() && !self.held.is_empty() {
                 self.release_held();
             }
             rest = more;
@@ -174,7 +171,7 @@ impl ConsoleOut for ConsoleSink {
             let line = String::from_utf8_lossy(line);
             self.take_line(line.trim_end_matches('\r').to_string());
         }
-        if self.mid_line && self.held.len() < HELD_MAX {
+        if !self.line.is_empty() && self.held.len() < HELD_MAX {
             self.held.extend_from_slice(&whole);
         } else {
             // Lines held before these go first, so the log keeps the suite's order.
@@ -265,17 +262,27 @@ gracevm-suite: running egm_b
         );
     }
 
-    #[test]
-    fn test_printed_lines_scanned_at_once_and_logged_after_the_uart_line() {
-        let dir = std::env::temp_dir().join(format!("gracevm-sink-{}", std::process::id()));
+    /// A sink logging to `console.log` in a fresh directory named after `name`, and that path.
+    fn logging_sink(name: &str) -> (ConsoleSink, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("gracevm-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("console.log");
-        let mut sink = ConsoleSink::new(
-            Some(File::create(&path).unwrap()),
-            false,
-            None,
-            Arc::default(),
-        );
+        let log = File::create(&path).unwrap();
+        (
+            ConsoleSink::new(Some(log), false, None, Arc::default()),
+            path,
+        )
+    }
+
+    fn remove_log(path: &std::path::Path) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    #[test]
+    fn test_printed_lines_scanned_at_once_and_logged_after_the_uart_line() {
+        let (mut sink, path) = logging_sink("sink");
         let cap = sink.captured();
         sink.uart(b"KTAP version 1\n[ 1.0] BUG: KASAN: slab-");
         sink.lines(b"ok 1 a\ngracevm-suite: running b\n");
@@ -290,20 +297,12 @@ gracevm-suite: running egm_b
             "KTAP version 1\n[ 1.0] BUG: KASAN: slab-use-after-free in egm_release\n\
              ok 1 a\ngracevm-suite: running b\nnot ok 2 b\n"
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        remove_log(&path);
     }
 
     #[test]
     fn test_printed_lines_past_the_hold_limit_keep_their_order() {
-        let dir = std::env::temp_dir().join(format!("gracevm-sink-held-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("console.log");
-        let mut sink = ConsoleSink::new(
-            Some(File::create(&path).unwrap()),
-            false,
-            None,
-            Arc::default(),
-        );
+        let (mut sink, path) = logging_sink("sink-held");
         sink.uart(b"[ 1.0] a kernel line that never ends");
         let first = vec![b'a'; HELD_MAX];
         sink.lines(&first);
@@ -313,7 +312,7 @@ gracevm-suite: running egm_b
         let a = log.find("aaaa").unwrap();
         let after = log.find("ok 2 after").unwrap();
         assert!(a < after, "held lines logged after later ones");
-        let _ = std::fs::remove_dir_all(&dir);
+        remove_log(&path);
     }
 
     #[test]
