@@ -42,10 +42,7 @@ pub struct UartOut(pub SharedConsole);
 
 impl std::io::Write for UartOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .uart(buf);
+        lock(&self.0).uart(buf);
         Ok(buf.len())
     }
 
@@ -156,7 +153,7 @@ impl MmioBus {
         data.fill(0);
         match self.find(addr, data.len()) {
             Some((range, offset)) => {
-                lock_device(&range.dev).read(offset, data);
+                lock(&range.dev).read(offset, data);
                 true
             }
             None => false,
@@ -167,7 +164,7 @@ impl MmioBus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((range, offset)) => {
-                lock_device(&range.dev).write(offset, data);
+                lock(&range.dev).write(offset, data);
                 true
             }
             None => false,
@@ -184,12 +181,11 @@ impl MmioBus {
     }
 }
 
-/// Locks a device; a device that panicked while locked (poisoned mutex) keeps serving: its
-/// state is whatever the interrupted access left, which is still memory-safe.
-fn lock_device<'a>(
-    dev: &'a Mutex<dyn MmioDevice + 'static>,
-) -> MutexGuard<'a, dyn MmioDevice + 'static> {
-    dev.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks `m` even when a thread panicked while holding it (a poisoned mutex): what the VMM's
+/// mutexes guard (device models, the console, the fill's handles) is left memory-safe by an
+/// interrupted access, and a device keeps serving the guest rather than taking the VMM down.
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Rate limiter for guest-triggered warnings, so a misbehaving guest cannot flood the host

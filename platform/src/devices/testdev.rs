@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{le_value, put_le_value, MmioDevice, SharedConsole, WarnLimiter};
+use super::{le_value, lock, put_le_value, MmioDevice, SharedConsole, WarnLimiter};
 
 const NAME: &str = "testdev";
 
@@ -260,10 +260,7 @@ impl Probe {
         if !self.memory.read(addr, &mut text) {
             return STATUS_OUTSIDE;
         }
-        console
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .lines(&text);
+        lock(console).lines(&text);
         STATUS_OK
     }
 }

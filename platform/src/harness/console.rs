@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use gracevm_contract::{kernel_log, protocol};
 
-use crate::devices::ConsoleOut;
+use crate::devices::{lock, ConsoleOut};
 use crate::harness::ktap;
 use crate::machine::Watch;
 
@@ -87,7 +87,7 @@ impl ConsoleSink {
     }
 
     fn take_line(&mut self, text: String) {
-        let mut cap = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cap = lock(&self.captured);
         if let Some(name) = protocol::running_test(&text) {
             cap.running = Some(name.to_string());
         }

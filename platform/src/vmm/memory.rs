@@ -11,6 +11,7 @@ use kvm_ioctls::VmFd;
 use log::{info, warn};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::devices::lock;
 use crate::devices::testdev::{FillState, ProbeRegion};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -105,10 +106,6 @@ impl FillGate {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The boot pattern of the carve-outs. Filling a 1 GiB carve-out takes seconds when the VMM

@@ -34,7 +34,7 @@ use firmware::{BootParams, MemoryMap, Resolved};
 
 use crate::devices::pl011::Pl011;
 use crate::devices::testdev::{pattern_word, FillState, MemoryProbe, ProbeRegion, TestDev};
-use crate::devices::{IrqLine, MmioBus, SharedConsole, UartOut};
+use crate::devices::{lock, IrqLine, MmioBus, SharedConsole, UartOut};
 use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
 use crate::vcpu_exit::GuestEvent;
 use crate::{board, guest};
@@ -311,10 +311,7 @@ impl Devices {
                 bus.insert(w.base, w.len, w.device)?;
             }
         }
-        let power_off = testdev
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .power_off_flag();
+        let power_off = lock(&testdev).power_off_flag();
         Ok(Devices {
             uart,
             testdev,
@@ -325,10 +322,7 @@ impl Devices {
 
     /// VMM start to the guest's write to the boot-timer register.
     fn boot_time(&self) -> Option<Duration> {
-        self.testdev
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .boot_time()
+        lock(&self.testdev).boot_time()
     }
 }
 

@@ -11,6 +11,7 @@ use log::warn;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::terminal::Terminal;
 
+use crate::devices::lock;
 use crate::devices::pl011::Pl011;
 use crate::escape::{Escape, Key};
 
@@ -76,10 +77,7 @@ impl MutEventSubscriber for Stdin {
             }
         }
         if !out.is_empty() {
-            self.uart
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .enqueue_input(&out);
+            lock(&self.uart).enqueue_input(&out);
         }
     }
 

@@ -13,11 +13,11 @@
 //! is logged and ignored (reads 0). Guests assign BAR addresses themselves, so nothing is
 //! registered per BAR: the routing follows every config write.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::config::NUM_BARS;
 use super::PciFunction;
-use crate::devices::{MmioDevice, WarnLimiter};
+use crate::devices::{lock, MmioDevice, WarnLimiter};
 
 const NAME: &str = "pci";
 
@@ -287,12 +287,6 @@ impl PciRoot {
         );
         EcamTarget::Bad
     }
-}
-
-/// Locks the root; a panic while it was locked (poison) leaves a memory-safe state to go on
-/// with, as for any device on the bus.
-fn lock(root: &Mutex<PciRoot>) -> MutexGuard<'_, PciRoot> {
-    root.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One of the host bridge's windows, ready for [`crate::devices::MmioBus::insert`].
