@@ -53,7 +53,8 @@ const UNASKED: u8 = 0;
 const RUNNING: u8 = 1;
 const DONE: u8 = 2;
 
-type FillJob = Box<dyn FnOnce() -> Option<Duration> + Send>;
+/// The fill, given the flag that stops it; how long it took, or None if it was stopped.
+type FillJob = Box<dyn FnOnce(&AtomicBool) -> Option<Duration> + Send>;
 
 /// The fill as the test device sees it: its state, and the guest's request to start it.
 pub struct FillGate {
@@ -93,7 +94,7 @@ impl FillGate {
         let spawned = std::thread::Builder::new()
             .name("pattern-fill".into())
             .spawn(move || {
-                let took = job();
+                let took = job(&gate.stop);
                 gate.state.store(DONE, Ordering::Release);
                 took
             });
@@ -156,19 +157,19 @@ impl PatternFill {
             thread: Mutex::new(None),
         });
         let job = {
-            let (stopper, mem, regions) = (gate.clone(), mem.clone(), regions.to_vec());
-            move || {
+            let (mem, regions) = (mem.clone(), regions.to_vec());
+            move |stop: &AtomicBool| {
                 let started = Instant::now();
                 for r in regions {
-                    fill_words(&mem, r, word, &stopper.stop);
+                    fill_words(&mem, r, word, stop);
                 }
-                (!stopper.stop.load(Ordering::Relaxed)).then(|| started.elapsed())
+                (!stop.load(Ordering::Relaxed)).then(|| started.elapsed())
             }
         };
         let mut fill = Self { gate, took: None };
         match when {
             FillWhen::Now => {
-                fill.took = job();
+                fill.took = job(&fill.gate.stop);
                 fill.gate.state.store(DONE, Ordering::Release);
             }
             FillWhen::OnRequest => *lock(&fill.gate.job) = Some(Box::new(job)),
