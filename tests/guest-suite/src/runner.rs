@@ -347,7 +347,8 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
     let deadline = Instant::now() + test.timeout;
     let mut after_oops: Option<Instant> = None;
     let mut blocked_since: Option<Instant> = None;
-    let mut stuck = false;
+    // Why the test was given up on after an oops, when it was.
+    let mut stuck: Option<String> = None;
     let status = loop {
         match done_rx.recv_timeout(WAIT_SLICE) {
             Ok(status) => break Some(status?),
@@ -363,9 +364,18 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
         } else {
             blocked_since = None;
         }
-        stuck = after_oops.is_some_and(|t| now >= t)
-            || blocked_since.is_some_and(|t| now.duration_since(t) >= BLOCKED_AFTER_OOPS);
-        if now >= deadline || stuck {
+        if blocked_since.is_some_and(|t| now.duration_since(t) >= BLOCKED_AFTER_OOPS) {
+            stuck = Some(format!(
+                "in uninterruptible sleep for {} s",
+                BLOCKED_AFTER_OOPS.as_secs()
+            ));
+        } else if after_oops.is_some_and(|t| now >= t) {
+            stuck = Some(format!(
+                "stuck in the kernel {} s",
+                STUCK_AFTER_OOPS.as_secs()
+            ));
+        }
+        if now >= deadline || stuck.is_some() {
             kill_group(pid);
             // A process in uninterruptible sleep does not die: leave it after a grace (none
             // when every thread of it already sleeps so).
@@ -375,7 +385,7 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
             break None;
         }
     };
-    let grace = if stuck {
+    let grace = if stuck.is_some() {
         STUCK_DRAIN_GRACE
     } else {
         DRAIN_GRACE
@@ -383,15 +393,7 @@ fn run_isolated(exe: &Path, test: &Test) -> std::io::Result<(Vec<String>, Report
     let stdout = stdout.recv_timeout(grace).unwrap_or_default();
     let stderr = stderr.recv_timeout(grace).unwrap_or_default();
     let (notes, report) = interpret(&stdout, &stderr, status);
-    if stuck {
-        let how = if blocked_since.is_some() {
-            format!(
-                "in uninterruptible sleep for {} s",
-                BLOCKED_AFTER_OOPS.as_secs()
-            )
-        } else {
-            format!("stuck in the kernel {} s", STUCK_AFTER_OOPS.as_secs())
-        };
+    if let Some(how) = stuck {
         return Ok((
             notes,
             Report::Done(Outcome::fail(format!(
