@@ -206,7 +206,6 @@ pub fn root_fstype(mounts: &str) -> Option<&str> {
     })
 }
 
-/// The kernel log ring buffer (`dmesg`), through syslog(2) `SYSLOG_ACTION_READ_ALL`.
 /// The state letter of a task from its `/proc/<pid>/task/<tid>/stat` line (`R`, `S`, `D`,
 /// `Z`, ...): the field after the command name, which may itself hold spaces and parentheses.
 pub fn task_state(stat: &str) -> Option<char> {
@@ -232,6 +231,7 @@ pub fn blocked_for_good(pid: u32) -> bool {
     any
 }
 
+/// The kernel log ring buffer (`dmesg`), through syslog(2) `SYSLOG_ACTION_READ_ALL`.
 pub fn kernel_log() -> Result<String, String> {
     const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
     const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
