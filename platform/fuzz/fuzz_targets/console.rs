@@ -1,7 +1,7 @@
 //! Guest console text as the host reads it: arbitrary bytes through the console sink (KTAP
 //! lines, panic and running-test markers), from the UART and from the test device's PRINT
-//! interleaved as the first byte of each piece chooses, the KTAP parser on what it kept, and the kernel-log
-//! report scanner on the same text. Nothing a guest prints may panic the host.
+//! interleaved as the first byte of each piece chooses, the KTAP parser on what it kept, and
+//! the kernel-log report scanner on the same text. Nothing a guest prints may panic the host.
 //! Invariants: every report starts with a header line and stays within its bounds; the KTAP
 //! parser returns at most one result per captured line.
 #![no_main]
