@@ -6,6 +6,7 @@ pub mod devices;
 pub mod escape;
 pub mod exit;
 pub mod guest;
+pub mod guest_memory;
 pub mod harness;
 pub mod initramfs;
 pub mod machine;

@@ -60,10 +60,84 @@ pub enum FillState {
     Done,
 }
 
+/// What every u64 of a checked range should hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// The same value everywhere (CHECK_VALUE).
+    Value(u64),
+    /// The boot pattern of a region with this seed, the range starting `offset` bytes into the
+    /// region (CHECK_PATTERN).
+    Pattern { seed: u64, offset: u64 },
+}
+
+impl Want {
+    /// The same expectation for the part of the range starting `bytes` further on.
+    pub fn from(self, bytes: u64) -> Self {
+        match self {
+            Want::Value(_) => self,
+            Want::Pattern { seed, offset } => Want::Pattern {
+                seed,
+                offset: offset + bytes,
+            },
+        }
+    }
+
+    /// The index of the first of `words` words, `read(i)` each, that is not as wanted. Each
+    /// expectation is its own loop with the expected word inlined: a 1 GiB region is 128 Mi
+    /// words, and under nested emulation every instruction per word costs about a second.
+    pub fn scan(self, words: usize, read: impl Fn(usize) -> u64) -> Option<usize> {
+        match self {
+            Want::Value(v) => scan(words, read, |_| v),
+            Want::Pattern { seed, offset } => {
+                scan(words, read, |i| pattern_word(seed, offset + 8 * i as u64))
+            }
+        }
+    }
+}
+
+/// Eight words at a time without a branch per word; the block that differs is searched again
+/// word by word.
+fn scan(words: usize, read: impl Fn(usize) -> u64, want: impl Fn(usize) -> u64) -> Option<usize> {
+    const BLOCK: usize = 8;
+    let mut i = 0;
+    while i < words {
+        let end = (i + BLOCK).min(words);
+        let differs = (i..end).fold(0, |acc, j| acc | (read(j) ^ want(j)));
+        if differs != 0 {
+            return (i..end).find(|&j| read(j) != want(j));
+        }
+        i = end;
+    }
+    None
+}
+
 /// The VMM's view of guest memory, for probes.
 pub trait MemoryProbe: Send {
     /// Read guest-physical `gpa..gpa+buf.len()` from the VMM's backing; false if unmapped.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
+
+    /// The offset from `gpa` of the first u64 of `[gpa, gpa + len)` that is not what `want`
+    /// says; `Err(())` if the VMM cannot read the range. `gpa` and `len` are multiples of 8.
+    /// This default copies through [`MemoryProbe::read`]; the VMM compares on its mapping.
+    #[allow(clippy::result_unit_err)]
+    fn first_mismatch(&self, gpa: u64, len: u64, want: Want) -> Result<Option<u64>, ()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            if !self.read(gpa + done, &mut buf[..n]) {
+                return Err(());
+            }
+            let found = want
+                .from(done)
+                .scan(n / 8, |i| word(&buf[8 * i..8 * i + 8]));
+            if let Some(i) = found {
+                return Ok(Some(done + 8 * i as u64));
+            }
+            done += n as u64;
+        }
+        Ok(None)
+    }
 
     /// Where the boot-pattern fill stands.
     fn fill_state(&self) -> FillState;
@@ -183,10 +257,7 @@ impl Probe {
             _ => {}
         }
         let value = self.get64(R_VAL);
-        let from = addr - region.base;
-        // Each check is its own loop with the expected word inlined: a 1 GiB region is 128 Mi
-        // words, and under nested emulation every instruction per word costs about a second.
-        let found = match cmd {
+        let want = match cmd {
             Cmd::Peek => {
                 let mut bytes = [0u8; 8];
                 if !self.memory.read(addr, &mut bytes) {
@@ -195,56 +266,20 @@ impl Probe {
                 self.set64(R_VAL, word(&bytes));
                 return STATUS_OK;
             }
-            Cmd::CheckPattern => {
-                self.first_mismatch(addr, len, |at| pattern_word(region.seed, from + at))
-            }
-            _ => self.first_mismatch(addr, len, |_| value),
+            Cmd::CheckPattern => Want::Pattern {
+                seed: region.seed,
+                offset: addr - region.base,
+            },
+            _ => Want::Value(value),
         };
-        match found {
-            Err(status) => status,
+        match self.memory.first_mismatch(addr, len, want) {
+            Err(()) => STATUS_OUTSIDE,
             Ok(None) => STATUS_OK,
             Ok(Some(at)) => {
                 self.set64(R_WHERE, at);
                 STATUS_MISMATCH
             }
         }
-    }
-
-    /// The offset from `addr` of the first u64 in `[addr, addr + len)` that is not
-    /// `want(offset)`; `Err(STATUS_OUTSIDE)` if the VMM cannot read it.
-    fn first_mismatch(
-        &self,
-        addr: u64,
-        len: u64,
-        want: impl Fn(u64) -> u64,
-    ) -> Result<Option<u64>, u32> {
-        const BLOCK: usize = 64;
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            if !self.memory.read(addr + done, &mut buf[..n]) {
-                return Err(STATUS_OUTSIDE);
-            }
-            // Eight words at a time without a branch per word; the block that differs is
-            // searched again word by word.
-            for (b, block) in buf[..n].chunks(BLOCK).enumerate() {
-                let first = done + (b * BLOCK) as u64;
-                let differs = block.chunks_exact(8).enumerate().fold(0, |acc, (i, w)| {
-                    acc | (word(w) ^ want(first + 8 * i as u64))
-                });
-                if differs != 0 {
-                    let i = block
-                        .chunks_exact(8)
-                        .enumerate()
-                        .position(|(i, w)| word(w) != want(first + 8 * i as u64))
-                        .unwrap_or(0);
-                    return Ok(Some(first + 8 * i as u64));
-                }
-            }
-            done += n as u64;
-        }
-        Ok(None)
     }
 
     /// PRINT: LEN bytes of guest memory at ADDR to the console, whatever the fill is doing.

@@ -33,8 +33,9 @@ use firmware::layout::{self, MIB};
 use firmware::{BootParams, MemoryMap, Resolved};
 
 use crate::devices::pl011::Pl011;
-use crate::devices::testdev::{pattern_word, FillState, MemoryProbe, ProbeRegion, TestDev};
+use crate::devices::testdev::{pattern_word, FillState, ProbeRegion, TestDev};
 use crate::devices::{lock, IrqLine, MmioBus, SharedConsole, UartOut};
+use crate::guest_memory::{self, GuestProbe};
 use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
 use crate::vcpu_exit::GuestEvent;
 use crate::{board, guest};
@@ -96,9 +97,9 @@ pub fn run(spec: MachineSpec) -> Result<RunReport> {
     let map = platform.map();
     let mem = memory::create(&vm, &memory_ranges(map))?;
     let when = if spec.eager_fill {
-        memory::FillWhen::Now
+        guest_memory::FillWhen::Now
     } else {
-        memory::FillWhen::OnRequest
+        guest_memory::FillWhen::OnRequest
     };
     let (probe_regions, fill) = fill_observable(&mem, map, when)?;
     let vcpus = vcpu::create_all(&vm, platform.vcpus)?;
@@ -332,8 +333,8 @@ impl Devices {
 fn fill_observable(
     mem: &memory::GuestMemory,
     map: &MemoryMap,
-    when: memory::FillWhen,
-) -> Result<(Vec<ProbeRegion>, memory::PatternFill)> {
+    when: guest_memory::FillWhen,
+) -> Result<(Vec<ProbeRegion>, guest_memory::PatternFill)> {
     let mut regions: Vec<ProbeRegion> = map
         .carve_outs
         .iter()
@@ -343,7 +344,7 @@ fn fill_observable(
             seed: guest::carveout_seed(c.pxm),
         })
         .collect();
-    let fill = memory::PatternFill::start(mem, &regions, pattern_word, when)
+    let fill = guest_memory::PatternFill::start(mem, &regions, pattern_word, when)
         .context("filling the carve-outs with their boot pattern")?;
     // GPU memory starts zeroed, as fresh RAM does; it is probed with PEEK/CHECK_VALUE.
     regions.extend(map.gpus.iter().map(|g| ProbeRegion {
@@ -352,26 +353,6 @@ fn fill_observable(
         seed: 0,
     }));
     Ok((regions, fill))
-}
-
-/// The test device's view of guest memory: the VMM's own mappings.
-struct GuestProbe {
-    mem: memory::GuestMemory,
-    fill: Arc<memory::FillGate>,
-}
-
-impl MemoryProbe for GuestProbe {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        self.mem.read_slice(buf, GuestAddress(gpa)).is_ok()
-    }
-
-    fn fill_state(&self) -> FillState {
-        self.fill.state()
-    }
-
-    fn request_fill(&self) {
-        self.fill.request();
-    }
 }
 
 /// `image_size` from the arm64 Image header: the memory the kernel occupies including BSS.
