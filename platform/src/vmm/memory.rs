@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use log::debug;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use crate::guest_memory::GuestMemory;
@@ -18,6 +19,18 @@ pub fn create(vm: &VmFd, ranges: &[(u64, u64)]) -> Result<GuestMemory> {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .context("guest RAM region has no host mapping")?;
+        // Huge pages even where the host's THP policy is "madvise", and compacted for if need
+        // be: KVM then maps 2 MiB blocks at stage 2, 512 times fewer faults (each an exit, and
+        // dear when nested). Only advice: without it the guest runs, more slowly.
+        // SAFETY: madvise only advises the kernel about `host..host+len`, a live mapping owned
+        // by `mem`; it changes no memory.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) } != 0 {
+            debug!(
+                "madvise(MADV_HUGEPAGE) on guest memory at {:#x}: {}",
+                region.start_addr().0,
+                std::io::Error::last_os_error()
+            );
+        }
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
