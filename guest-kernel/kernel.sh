@@ -35,12 +35,16 @@ fingerprint() {
     local commit=$1
     { echo "$commit $*"; cat "$here"/fragments/*.config "$here/build.sh"; } | md5sum | cut -d' ' -f1
 }
+# The fragments a build was configured from: a seed configured from others differs in its
+# .config, and Kbuild then rebuilds whatever the difference touches (often everything).
+fragments=$(cat "$here"/fragments/*.config | md5sum | cut -d' ' -f1)
 branch=base
 [ -z "$series" ] || branch=$("$here/apply-patches.sh" --branch-of "$series" 9>&-)
 if commit=$(git -C "$src" rev-parse -q --verify "refs/heads/$branch" 2>/dev/null) &&
     [ -f "$build/arch/arm64/boot/Image" ] &&
     [ "$(cat "$build/.gracevm-done" 2>/dev/null)" = "$(fingerprint "$commit" "$@")" ]; then
     printf '[kernel] %s is up to date (%s at %s)\n' "$build" "$branch" "${commit:0:12}" >&2
+    echo "$fragments" > "$build/.gracevm-fragments"
     exit 0
 fi
 # The lock is this script's; children do not inherit it (a straggler such as the build's
@@ -48,10 +52,13 @@ fi
 "$here/apply-patches.sh" "$src" ${series:+"$series"} 9>&-
 
 # A build directory that has never been built starts as a copy of the nearest build of this
-# tree (fewest files differing from what is checked out now, same flavour): the previous
-# revision of a series, or the same series with one more patch, rather than the default
-# build, so only what differs is compiled. Kbuild stays right whatever the seed: checkouts
-# rewrite every file that differs, so each is newer than any object built from older content.
+# tree (same flavour; configured from the same fragments first, then fewest files differing
+# from what is checked out now, then the newest): the previous revision of a series, or the
+# same series with one more patch, rather than the default build, so only what differs is
+# compiled. Of two seeds as near, the newer was built after more checkouts, so fewer of its
+# objects are older than their (rewritten, unchanged) sources. Kbuild stays right whatever the
+# seed: checkouts rewrite every file that differs, so each is newer than any object built
+# from older content.
 # GRACEVM_NEAREST_SEED=0 keeps the seed given (`make bench` times the difference).
 args=() debug= seed_at= config_only=
 for a in "$@"; do
@@ -61,7 +68,7 @@ for a in "$@"; do
     args+=("$a")
 done
 if [ -n "$seed_at" ] && [ ! -f "$build/.config" ] && [ "${GRACEVM_NEAREST_SEED:-1}" != 0 ]; then
-    best= best_n=
+    best= best_rank=
     for f in "$cache"/build/*/gracevm-build.json; do
         dir=$(dirname "$f")
         [ "$dir" != "$build" ] && [ -f "$dir/.config" ] || continue
@@ -70,7 +77,13 @@ if [ -n "$seed_at" ] && [ ! -f "$build/.config" ] && [ "${GRACEVM_NEAREST_SEED:-
         commit=$(sed -n 's/^ *"git_commit_hash": "\([0-9a-f]\{40\}\)".*/\1/p' "$f")
         [ -n "$commit" ] || continue
         n=$(git -C "$src" diff --name-only "$commit" HEAD -- 2>/dev/null | wc -l) || continue
-        if [ -z "$best_n" ] || [ "$n" -lt "$best_n" ]; then best=$dir best_n=$n; fi
+        other=1
+        [ "$(cat "$dir/.gracevm-fragments" 2>/dev/null)" != "$fragments" ] || other=0
+        rank=$(printf '%d %09d' "$other" "$n")
+        if [ -z "$best_rank" ] || [[ "$rank" < "$best_rank" ]] ||
+            { [ "$rank" = "$best_rank" ] && [ "$f" -nt "$best/gracevm-build.json" ]; }; then
+            best=$dir best_rank=$rank best_n=$n
+        fi
     done
     if [ -n "$best" ] && [ "$best" != "${args[$((seed_at + 1))]}" ]; then
         printf '[kernel] seeding from %s: %s file(s) differ from it\n' "$(basename "$best")" "$best_n" >&2
@@ -80,4 +93,7 @@ fi
 rm -f "$build/.gracevm-done"
 GRACEVM_SERIES=$series "$here/build.sh" "${args[@]}" "$src" "$build" 9>&-
 # A configuration check builds nothing, so it leaves no stamp (nor a build directory).
-[ -n "$config_only" ] || fingerprint "$(git -C "$src" rev-parse HEAD)" "$@" > "$build/.gracevm-done"
+if [ -z "$config_only" ]; then
+    fingerprint "$(git -C "$src" rev-parse HEAD)" "$@" > "$build/.gracevm-done"
+    echo "$fragments" > "$build/.gracevm-fragments"
+fi
