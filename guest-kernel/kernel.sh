@@ -67,7 +67,13 @@ for a in "$@"; do
     [ "$a" != --seed ] || seed_at=${#args[@]}
     args+=("$a")
 done
-if [ -n "$seed_at" ] && [ ! -f "$build/.config" ] && [ "${GRACEVM_NEAREST_SEED:-1}" != 0 ]; then
+# A build directory configured from other fragments (gracevm changed them since) would rebuild
+# in place whatever the new configuration touches, often everything; it starts again from a
+# seed configured from the current ones when there is such a seed.
+stale=
+[ ! -f "$build/.config" ] || [ "$(cat "$build/.gracevm-fragments" 2>/dev/null)" = "$fragments" ] || stale=1
+if [ -n "$seed_at" ] && { [ ! -f "$build/.config" ] || [ -n "$stale" ]; } &&
+    [ "${GRACEVM_NEAREST_SEED:-1}" != 0 ]; then
     best= best_rank=
     for f in "$cache"/build/*/gracevm-build.json; do
         dir=$(dirname "$f")
@@ -85,6 +91,14 @@ if [ -n "$seed_at" ] && [ ! -f "$build/.config" ] && [ "${GRACEVM_NEAREST_SEED:-
             best=$dir best_rank=$rank best_n=$n
         fi
     done
+    if [ -n "$stale" ]; then
+        if [ -n "$best" ] && [ "${best_rank%% *}" = 0 ]; then
+            printf '[kernel] %s was configured from other fragments: starting it again from a seed\n' "$build" >&2
+            rm -rf "$build"
+        else
+            best=
+        fi
+    fi
     if [ -n "$best" ] && [ "$best" != "${args[$((seed_at + 1))]}" ]; then
         printf '[kernel] seeding from %s: %s file(s) differ from it\n' "$(basename "$best")" "$best_n" >&2
         args[$((seed_at + 1))]=$best
