@@ -12,7 +12,7 @@ use log::{info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::devices::lock;
-use crate::devices::testdev::{FillState, MemoryProbe, ProbeRegion, Want};
+use crate::devices::testdev::{FillState, MemoryProbe, ProbeRegion, Unreadable, Want};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -214,14 +214,17 @@ impl MemoryProbe for GuestProbe {
 
     /// Compared where it lies: a copy first would double the memory traffic, and a region
     /// check is the costliest thing the suite asks of the VMM.
-    fn first_mismatch(&self, gpa: u64, len: u64, want: Want) -> Result<Option<u64>, ()> {
-        let n = usize::try_from(len).map_err(|_| ())?;
+    fn first_mismatch(&self, gpa: u64, len: u64, want: Want) -> Result<Option<u64>, Unreadable> {
+        let n = usize::try_from(len).map_err(|_| Unreadable)?;
         // One mapping covers the whole range, or it is not read at all.
-        let slice = self.mem.get_slice(GuestAddress(gpa), n).map_err(|_| ())?;
+        let slice = self
+            .mem
+            .get_slice(GuestAddress(gpa), n)
+            .map_err(|_| Unreadable)?;
         let guard = slice.ptr_guard();
         let words = guard.as_ptr().cast::<u64>();
         if !words.is_aligned() {
-            return Err(());
+            return Err(Unreadable);
         }
         let found = want.scan(n / 8, |i| {
             // SAFETY: `words` points at `n` mapped bytes of guest memory, aligned for u64, which
@@ -298,7 +301,10 @@ mod tests {
         assert_eq!(both(BASE + at, 8, Want::Value(0)), Ok(None));
         assert_eq!(both(BASE + at - 8, 16, Want::Value(0)), Ok(Some(0)));
         // Past the mapping: not read.
-        assert_eq!(both(BASE + SIZE - 8, 16, pattern(SIZE - 8)), Err(()));
-        assert_eq!(both(BASE - 8, 16, Want::Value(0)), Err(()));
+        assert_eq!(
+            both(BASE + SIZE - 8, 16, pattern(SIZE - 8)),
+            Err(Unreadable)
+        );
+        assert_eq!(both(BASE - 8, 16, Want::Value(0)), Err(Unreadable));
     }
 }

@@ -60,6 +60,10 @@ pub enum FillState {
     Done,
 }
 
+/// The VMM could not read a checked range (not one mapping of guest memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
 /// What every u64 of a checked range should hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {
@@ -72,7 +76,7 @@ pub enum Want {
 
 impl Want {
     /// The same expectation for the part of the range starting `bytes` further on.
-    pub fn from(self, bytes: u64) -> Self {
+    pub fn advanced(self, bytes: u64) -> Self {
         match self {
             Want::Value(_) => self,
             Want::Pattern { seed, offset } => Want::Pattern {
@@ -117,19 +121,18 @@ pub trait MemoryProbe: Send {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
 
     /// The offset from `gpa` of the first u64 of `[gpa, gpa + len)` that is not what `want`
-    /// says; `Err(())` if the VMM cannot read the range. `gpa` and `len` are multiples of 8.
-    /// This default copies through [`MemoryProbe::read`]; the VMM compares on its mapping.
-    #[allow(clippy::result_unit_err)]
-    fn first_mismatch(&self, gpa: u64, len: u64, want: Want) -> Result<Option<u64>, ()> {
+    /// says. `gpa` and `len` are multiples of 8. This default copies through
+    /// [`MemoryProbe::read`]; the VMM compares on its mapping.
+    fn first_mismatch(&self, gpa: u64, len: u64, want: Want) -> Result<Option<u64>, Unreadable> {
         let mut buf = vec![0u8; 64 * 1024];
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(buf.len() as u64) as usize;
             if !self.read(gpa + done, &mut buf[..n]) {
-                return Err(());
+                return Err(Unreadable);
             }
             let found = want
-                .from(done)
+                .advanced(done)
                 .scan(n / 8, |i| word(&buf[8 * i..8 * i + 8]));
             if let Some(i) = found {
                 return Ok(Some(done + 8 * i as u64));
@@ -273,7 +276,7 @@ impl Probe {
             _ => Want::Value(value),
         };
         match self.memory.first_mismatch(addr, len, want) {
-            Err(()) => STATUS_OUTSIDE,
+            Err(Unreadable) => STATUS_OUTSIDE,
             Ok(None) => STATUS_OK,
             Ok(Some(at)) => {
                 self.set64(R_WHERE, at);
