@@ -12,7 +12,9 @@ use log::{info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::devices::lock;
-use crate::devices::testdev::{FillState, MemoryProbe, ProbeRegion, Unreadable, Want};
+use crate::devices::testdev::{
+    pattern_word, FillState, MemoryProbe, ProbeRegion, Unreadable, Want,
+};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -97,17 +99,9 @@ pub enum FillWhen {
 }
 
 impl PatternFill {
-    /// Fill each region of `regions` with `word(region.seed, offset)` in every u64, `when`
-    /// told.
-    pub fn start<W>(
-        mem: &GuestMemory,
-        regions: &[ProbeRegion],
-        word: W,
-        when: FillWhen,
-    ) -> Result<Self>
-    where
-        W: Fn(u64, u64) -> u64 + Copy + Send + 'static,
-    {
+    /// Fill each region of `regions` with [`pattern_word`]`(region.seed, offset)` in every
+    /// u64 (what CHECK_PATTERN compares), `when` told.
+    pub fn start(mem: &GuestMemory, regions: &[ProbeRegion], when: FillWhen) -> Result<Self> {
         for r in regions {
             if r.base % 8 != 0 || r.size % 8 != 0 {
                 bail!("fill of {:#x}+{:#x} is not 8-byte aligned", r.base, r.size);
@@ -128,7 +122,7 @@ impl PatternFill {
             move |stop: &AtomicBool| {
                 let started = Instant::now();
                 for r in regions {
-                    fill_words(&mem, r, word, stop);
+                    fill_words(&mem, r, stop);
                 }
                 (!stop.load(Ordering::Relaxed)).then(|| started.elapsed())
             }
@@ -175,23 +169,18 @@ impl Drop for PatternFill {
     }
 }
 
-/// Write `word(seed, offset)` into every u64 of one region: each 64 KiB computed in a byte
-/// buffer (plain, vectorisable code) and copied in with vm-memory's byte copy, a `memcpy`
-/// (its copy of a u64 slice is a volatile store per word, which under emulation costs several
-/// times more). Stops between chunks when asked.
-fn fill_words<W: Fn(u64, u64) -> u64>(
-    mem: &GuestMemory,
-    r: ProbeRegion,
-    word: W,
-    stop: &AtomicBool,
-) {
+/// Write [`pattern_word`]`(seed, offset)` into every u64 of one region: each 64 KiB computed
+/// in a byte buffer (plain, vectorisable code) and copied in with vm-memory's byte copy, a
+/// `memcpy` (its copy of a u64 slice is a volatile store per word, which under emulation costs
+/// several times more). Stops between chunks when asked.
+fn fill_words(mem: &GuestMemory, r: ProbeRegion, stop: &AtomicBool) {
     const CHUNK: u64 = 64 << 10;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut off = 0;
     while off < r.size && !stop.load(Ordering::Relaxed) {
         let n = CHUNK.min(r.size - off) as usize;
         for (i, w) in buf[..n].chunks_exact_mut(8).enumerate() {
-            w.copy_from_slice(&word(r.seed, off + 8 * i as u64).to_le_bytes());
+            w.copy_from_slice(&pattern_word(r.seed, off + 8 * i as u64).to_le_bytes());
         }
         // Checked at start: the whole region lies in one memory region, so every chunk does.
         if let Ok(slice) = mem.get_slice(GuestAddress(r.base + off), n) {
@@ -247,7 +236,6 @@ impl MemoryProbe for GuestProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::testdev::pattern_word;
 
     /// The same memory seen through `read` only, so the trait's buffered comparison runs.
     struct Copied<'a>(&'a GuestProbe);
@@ -274,7 +262,7 @@ mod tests {
             size: SIZE,
             seed: SEED,
         };
-        let fill = PatternFill::start(&mem, &[region], pattern_word, FillWhen::Now).expect("fill");
+        let fill = PatternFill::start(&mem, &[region], FillWhen::Now).expect("fill");
         let probe = GuestProbe {
             mem: mem.clone(),
             fill: fill.gate(),

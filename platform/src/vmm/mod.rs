@@ -33,7 +33,7 @@ use firmware::layout::{self, MIB};
 use firmware::{BootParams, MemoryMap, Resolved};
 
 use crate::devices::pl011::Pl011;
-use crate::devices::testdev::{pattern_word, FillState, ProbeRegion, TestDev};
+use crate::devices::testdev::{FillState, ProbeRegion, TestDev};
 use crate::devices::{lock, IrqLine, MmioBus, SharedConsole, UartOut};
 use crate::guest_memory::{self, GuestProbe};
 use crate::machine::{GuestEnd, MachineSpec, RunReport, Watch};
@@ -344,7 +344,7 @@ fn fill_observable(
             seed: guest::carveout_seed(c.pxm),
         })
         .collect();
-    let fill = guest_memory::PatternFill::start(mem, &regions, pattern_word, when)
+    let fill = guest_memory::PatternFill::start(mem, &regions, when)
         .context("filling the carve-outs with their boot pattern")?;
     // GPU memory starts zeroed, as fresh RAM does; it is probed with PEEK/CHECK_VALUE.
     regions.extend(map.gpus.iter().map(|g| ProbeRegion {
