@@ -138,6 +138,10 @@ pub struct GuestArgs {
         default_values_t = modules::DEFAULT_LOAD.iter().map(|m| m.to_string())
     )]
     pub modprobe: Vec<String>,
+    /// Set by the nested route for the gracevm it runs inside level 1: the outer gracevm has
+    /// checked the module tree against the kernel (the check reads the whole kernel).
+    #[arg(long, hide = true)]
+    pub modules_checked: bool,
     /// Platform description (TOML); the built-in default when absent.
     #[arg(long)]
     pub platform: Option<PathBuf>,

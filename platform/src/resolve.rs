@@ -41,7 +41,7 @@ impl Resolved {
             "--initrd PATH (or GRACEVM_INITRD); `make initramfs` builds the default one",
         )?;
         let modules = match &a.modules {
-            Some(path) => Some(load_modules(path, &kernel, &a.modprobe)?),
+            Some(path) => Some(load_modules(path, &kernel, a)?),
             None => None,
         };
         Ok(Resolved {
@@ -182,11 +182,14 @@ fn check_expect(expect: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The module tree at `path`, checked against the kernel it is for.
-fn load_modules(path: &Path, kernel: &Path, load: &[String]) -> Result<Modules> {
+/// The module tree at `path`, checked against the kernel it is for (unless the outer gracevm
+/// of a nested run did).
+fn load_modules(path: &Path, kernel: &Path, a: &GuestArgs) -> Result<Modules> {
     let tree = ModuleTree::load(path).map_err(|e| Usage(e.to_string()))?;
-    tree.check_kernel(path, kernel)
-        .map_err(|e| Usage(e.to_string()))?;
+    if !a.modules_checked {
+        tree.check_kernel(path, kernel)
+            .map_err(|e| Usage(e.to_string()))?;
+    }
     info!(
         "modules: {} for Linux {} from {}",
         tree.count,
@@ -195,7 +198,7 @@ fn load_modules(path: &Path, kernel: &Path, load: &[String]) -> Result<Modules> 
     );
     Ok(Modules {
         tree,
-        load: load.to_vec(),
+        load: a.modprobe.clone(),
     })
 }
 

@@ -40,9 +40,10 @@ impl InnerGuest<'_> {
         if let Some(m) = self.modules {
             v.extend([
                 "--modules".into(),
-                stage.write("modules.cpio", &m.tree.archive)?,
+                stage.add_data("modules.cpio", &m.tree.archive)?,
             ]);
             v.extend(["--modprobe".into(), m.load.join(",")]);
+            v.push("--modules-checked".into());
         }
         if let Some(p) = self.platform_file {
             v.extend(["--platform".into(), stage.add(&format!("{name}.toml"), p)?]);

@@ -12,6 +12,9 @@ mount -t tmpfs tmp /tmp
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose stage /stage ||
     echo "[gracevm] level-1: cannot mount the stage share"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /out 2>/dev/null
+# What the jobs boot, copied into memory once: every job reads it, and a read over 9p waits on
+# qemu's I/O thread, which competes with the vCPUs for the host's cores.
+cp -r /stage/inputs /inputs || echo "[gracevm] level-1: cannot copy the inputs from the stage share"
 if [ ! -e /dev/kvm ]; then
     echo "[gracevm] level-1: no /dev/kvm (qemu without virtualization=on?)"
 fi

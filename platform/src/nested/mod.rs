@@ -104,14 +104,23 @@ fn which(prog: &Path) -> Option<PathBuf> {
 }
 
 /// Files to place in the stage share, by name.
+///
+/// What the jobs boot (kernel, initrd, module archive, descriptions) goes in its `inputs/`
+/// directory, which level 1's /init copies into its own memory once, before the first job:
+/// every job reads these files, and a read over 9p waits on qemu's I/O thread, which competes
+/// with the vCPUs for the host's cores (it took 20–570 ms per job to read them).
 pub struct Stage {
     dir: TempDir,
 }
+
+/// The stage's subdirectory of job inputs, and where level 1 keeps its copy of it.
+const INPUTS: &str = "inputs";
 
 impl Stage {
     pub fn new() -> Result<Self> {
         let base = std::env::temp_dir().join("gracevm-stage");
         let dir = TempDir::new_with_prefix(base).context("creating a staging directory")?;
+        fs::create_dir(dir.as_path().join(INPUTS)).context("creating a staging directory")?;
         Ok(Stage { dir })
     }
 
@@ -119,34 +128,56 @@ impl Stage {
         self.dir.as_path()
     }
 
-    /// Put `src` in the share as `name` (a hard link when possible: kernels are large).
-    /// Staging the same name twice keeps the first. The copy fallback goes through a new file
-    /// and a rename, so the user's file is never opened for writing (a copy onto an existing
-    /// hard link of the source would truncate the source itself).
+    /// Put `src` in the inputs as `name` (a hard link when possible: kernels are large) and
+    /// return its path in level 1. Staging the same name twice keeps the first. The copy
+    /// fallback goes through a new file and a rename, so the user's file is never opened for
+    /// writing (a copy onto an existing hard link of the source would truncate the source).
     pub fn add(&self, name: &str, src: &Path) -> Result<String> {
-        let dst = self.path().join(name);
-        let guest_path = format!("/stage/{name}");
+        let dst = self.path().join(INPUTS).join(name);
+        let level1_path = format!("/{INPUTS}/{name}");
         if dst.exists() {
-            return Ok(guest_path);
+            return Ok(level1_path);
         }
         if fs::hard_link(src, &dst).is_ok() {
-            return Ok(guest_path);
+            return Ok(level1_path);
         }
         let tmp = self.path().join(format!(".{name}.partial"));
         fs::copy(src, &tmp)
             .and_then(|_| fs::rename(&tmp, &dst))
             .with_context(|| format!("copying {} into the stage directory", src.display()))?;
-        Ok(guest_path)
+        Ok(level1_path)
     }
 
-    /// Put `data` in the share as `name`. As with [`Stage::add`], staging the same name twice
-    /// keeps the first (every scenario of a run stages the same module tree).
+    /// Put `data` in the inputs as `name`, as [`Stage::add`] does a file (every scenario of a
+    /// run stages the same module tree).
+    pub fn add_data(&self, name: &str, data: &[u8]) -> Result<String> {
+        let dst = self.path().join(INPUTS).join(name);
+        if !dst.exists() {
+            fs::write(&dst, data).with_context(|| format!("staging {name}"))?;
+        }
+        Ok(format!("/{INPUTS}/{name}"))
+    }
+
+    /// Put `data` in the share itself as `name` (the jobs, level 1's initramfs), where level 1
+    /// reads it in place. Staging the same name twice keeps the first.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<String> {
         let dst = self.path().join(name);
         if !dst.exists() {
             fs::write(&dst, data).with_context(|| format!("staging {name}"))?;
         }
         Ok(format!("/stage/{name}"))
+    }
+
+    /// MiB the inputs take (level 1 holds a copy of them in its memory).
+    pub fn inputs_mib(&self) -> u64 {
+        let bytes: u64 = fs::read_dir(self.path().join(INPUTS))
+            .map(|dir| {
+                dir.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        bytes.div_ceil(1 << 20)
     }
 }
 
@@ -246,7 +277,9 @@ impl NestedRun<'_> {
             "none",
         ]);
         cmd.arg("-smp").arg(vcpus.to_string());
-        cmd.arg("-m").arg(format!("{}M", self.memory_mib));
+        // Room for the copy of the inputs that /init makes in memory, too.
+        let memory_mib = self.memory_mib + self.stage.inputs_mib();
+        cmd.arg("-m").arg(format!("{memory_mib}M"));
         cmd.arg("-kernel").arg(&self.level1.kernel);
         cmd.arg("-initrd").arg(stage.join("level1.cpio"));
         cmd.args([
@@ -374,13 +407,14 @@ mod tests {
         let a = stage.add("kernel", &src).unwrap();
         let b = stage.add("kernel", &src).unwrap();
         // Assert
-        assert_eq!(a, "/stage/kernel");
+        assert_eq!(a, "/inputs/kernel");
         assert_eq!(a, b);
         assert_eq!(fs::read(&src).unwrap(), b"ARM64 kernel bytes");
         assert_eq!(
-            fs::read(stage.path().join("kernel")).unwrap(),
+            fs::read(stage.path().join("inputs/kernel")).unwrap(),
             b"ARM64 kernel bytes"
         );
+        assert_eq!(stage.inputs_mib(), 1);
     }
 
     #[test]
@@ -389,6 +423,11 @@ mod tests {
         assert_eq!(stage.write("jobs", b"x").unwrap(), "/stage/jobs");
         assert_eq!(stage.write("jobs", b"y").unwrap(), "/stage/jobs");
         assert_eq!(fs::read(stage.path().join("jobs")).unwrap(), b"x");
+        assert_eq!(
+            stage.add_data("modules.cpio", b"m").unwrap(),
+            "/inputs/modules.cpio"
+        );
+        assert_eq!(stage.inputs_mib(), 1);
         assert_eq!(shell_quote("a b"), "'a b'");
     }
 }
