@@ -11,7 +11,7 @@ mod vcpu;
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Cursor, Read};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -221,14 +221,16 @@ fn load_guest(mem: &memory::GuestMemory, spec: &MachineSpec, vcpus: &[VcpuFd]) -
 }
 
 /// The arm64 Image at RAM + 2 MiB: its entry and the end of what it occupies (BSS included).
+/// The file is read once, whole: the loader seeks and reads it in pieces, and each piece is a
+/// round trip when the file lies on a share.
 fn load_kernel(mem: &memory::GuestMemory, spec: &MachineSpec) -> Result<(u64, u64)> {
-    let mut kernel = File::open(&spec.kernel)
-        .with_context(|| format!("opening kernel {}", spec.kernel.display()))?;
-    let image_size = arm64_image_size(&mut kernel)?;
+    let image = std::fs::read(&spec.kernel)
+        .with_context(|| format!("reading kernel {}", spec.kernel.display()))?;
+    let image_size = arm64_image_size(&image)?;
     let loaded = PE::load(
         mem,
         Some(GuestAddress(layout::RAM_BASE + layout::KERNEL_OFFSET)),
-        &mut kernel,
+        &mut Cursor::new(&image),
         None,
     )
     .map_err(|e| anyhow!("loading {} as an arm64 Image: {e}", spec.kernel.display()))?;
@@ -356,10 +358,9 @@ fn fill_observable(
 }
 
 /// `image_size` from the arm64 Image header: the memory the kernel occupies including BSS.
-fn arm64_image_size(kernel: &mut File) -> Result<u64> {
-    let mut hdr = [0u8; 64];
-    kernel
-        .read_exact(&mut hdr)
+fn arm64_image_size(image: &[u8]) -> Result<u64> {
+    let hdr = image
+        .get(..64)
         .context("the kernel file is shorter than an arm64 Image header")?;
     if &hdr[56..60] != b"ARM\x64" {
         bail!("not an arm64 Image (no 'ARM\\x64' magic at offset 56); pass arch/arm64/boot/Image");
