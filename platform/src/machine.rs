@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use firmware::Resolved;
 
@@ -37,6 +37,9 @@ pub struct MachineSpec {
     pub eager_fill: bool,
     pub timeout: Option<Duration>,
     pub watch: Arc<Watch>,
+    /// When gracevm began to prepare this guest (process start for `run`): the boot time and
+    /// the VMM start count from here, as a qemu boot counts from qemu's launch.
+    pub started: Instant,
 }
 
 /// How a guest run ended.

@@ -11,6 +11,7 @@ mod resolve;
 
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
@@ -25,6 +26,8 @@ use commands::create_out;
 use resolve::Resolved;
 
 fn main() {
+    // A run's boot time counts from here, as a qemu boot counts from qemu's launch.
+    let started = Instant::now();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     exit::exit_on_panic();
@@ -35,7 +38,7 @@ fn main() {
             log::warn!("cannot handle signal {sig}: {e}");
         }
     }
-    let code = match dispatch(cli.command, watch) {
+    let code = match dispatch(cli.command, watch, started) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("gracevm: {e:#}");
@@ -61,7 +64,7 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
+fn dispatch(cmd: Command, watch: Arc<Watch>, started: Instant) -> Result<i32> {
     match cmd {
         Command::Run { guest, cmd, out } => {
             let g = Resolved::new(&guest)?;
@@ -69,7 +72,7 @@ fn dispatch(cmd: Command, watch: Arc<Watch>) -> Result<i32> {
             if let Some(out) = &out {
                 create_out(out)?;
             }
-            commands::run::run(&g, mode, out.as_deref(), watch)
+            commands::run::run(&g, mode, out.as_deref(), watch, started)
         }
         Command::Test(args) => commands::test::command(args, watch),
         Command::Merge { runs, out } => commands::merge::merge(&runs, &out),

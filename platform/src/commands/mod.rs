@@ -8,7 +8,7 @@ pub mod test;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -39,6 +39,8 @@ pub struct DirectBoot<'a> {
     pub interactive: bool,
     pub timeout: Option<Duration>,
     pub watch: Arc<Watch>,
+    /// When gracevm began to prepare this guest (see `MachineSpec::started`).
+    pub started: Instant,
 }
 
 /// Boot one guest under this host's KVM.
@@ -57,6 +59,7 @@ pub fn boot_direct(g: &Resolved, b: DirectBoot<'_>) -> Result<RunReport> {
         eager_fill: g.args.eager_fill || !matches!(b.mode, Mode::Test(_)),
         timeout: b.timeout,
         watch: b.watch,
+        started: b.started,
     };
     vmm::run(spec)
 }

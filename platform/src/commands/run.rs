@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 
@@ -14,7 +15,14 @@ use gracevm::nested::{self, NestedRun, Stage};
 use crate::commands::{boot_direct, DirectBoot};
 use crate::resolve::Resolved;
 
-pub fn run(g: &Resolved, mode: Mode, out: Option<&Path>, watch: Arc<Watch>) -> Result<i32> {
+/// `started`: when the gracevm process started (the boot time counts from there).
+pub fn run(
+    g: &Resolved,
+    mode: Mode,
+    out: Option<&Path>,
+    watch: Arc<Watch>,
+    started: Instant,
+) -> Result<i32> {
     if g.nested {
         return run_nested(g, &mode, out, watch);
     }
@@ -31,6 +39,7 @@ pub fn run(g: &Resolved, mode: Mode, out: Option<&Path>, watch: Arc<Watch>) -> R
         interactive: true,
         timeout: g.timeout(None),
         watch,
+        started,
     };
     let report = boot_direct(g, boot)?;
     let _ = std::io::stdout().flush();

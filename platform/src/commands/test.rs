@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use log::info;
@@ -119,6 +119,7 @@ fn write_kcidb(g: &Resolved, summary: &Summary, out: &Path, started: SystemTime)
 }
 
 fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Result<ScenarioResult> {
+    let started = Instant::now();
     let log = std::fs::File::create(out.join("console.log")).context("creating console.log")?;
     let sink =
         harness::console::ConsoleSink::new(Some(log), false, Some(name.to_string()), watch.clone());
@@ -136,6 +137,7 @@ fn test_direct(g: &Resolved, out: &Path, name: &str, watch: Arc<Watch>) -> Resul
         interactive: false,
         timeout: g.test_timeout(DEFAULT_TIMEOUT),
         watch,
+        started,
     };
     let report =
         boot_direct(g, boot).unwrap_or_else(|e| lost(GuestEnd::VmmFailure(format!("{e:#}"))));

@@ -91,7 +91,7 @@ fn open_kvm() -> Result<Kvm> {
 
 /// Boot a guest and run it to its end.
 pub fn run(spec: MachineSpec) -> Result<RunReport> {
-    let started = Instant::now();
+    let started = spec.started;
     let platform = &spec.platform;
     let vm = Arc::new(create_vm(platform)?);
     let map = platform.map();
