@@ -24,9 +24,29 @@ pub use gracevm_contract::env::{Mode, TestRequest};
 /// worse still reach the console (`loglevel=5`: a WARNING or lockdep report is kept whole in
 /// console.log, the suite's diagnostics carry only its first lines), then the user's additions.
 pub fn cmdline(extra: &str) -> String {
-    let mut c = String::from(
-        "console=ttyAMA0 quiet loglevel=5 panic=-1 rdinit=/init vfio.enable_unsafe_noiommu_mode=1 efi=debug",
-    );
+    with_extra(
+        "console=ttyAMA0 quiet loglevel=5 panic=-1 rdinit=/init vfio.enable_unsafe_noiommu_mode=1 efi=debug".into(),
+        extra,
+    )
+}
+
+/// The command line gracevm's own VMM boots: [`cmdline`] with the boot-timer register's
+/// address, which the kernel hands to /init as an environment variable (an unknown NAME=value
+/// word), so that /init marks userspace as its first act, before it reads a file. A plain qemu
+/// boot (the benchmark's reference) has no such register and gets [`cmdline`] alone.
+pub fn vmm_cmdline(extra: &str) -> String {
+    with_extra(
+        format!(
+            "{} {}={:#x}",
+            cmdline(""),
+            gracevm_contract::env::key::BOOT_TIMER,
+            layout::TESTDEV_BASE
+        ),
+        extra,
+    )
+}
+
+fn with_extra(mut c: String, extra: &str) -> String {
     if !extra.trim().is_empty() {
         c.push(' ');
         c.push_str(extra.trim());
@@ -293,5 +313,17 @@ mod tests {
         assert!(cmdline("").starts_with("console=ttyAMA0 quiet loglevel=5 panic=-1 rdinit=/init"));
         assert!(cmdline("").contains(" vfio.enable_unsafe_noiommu_mode=1"));
         assert!(cmdline(" loglevel=7 ").ends_with(" efi=debug loglevel=7"));
+    }
+
+    #[test]
+    fn test_vmm_cmdline_gives_init_the_boot_timer_before_user_args() {
+        let c = vmm_cmdline("loglevel=7");
+        assert!(c.starts_with(&cmdline("")));
+        assert!(
+            c.ends_with(" GRACEVM_BOOT_TIMER=0x9010000 loglevel=7"),
+            "{c}"
+        );
+        // The reference boot has no test device: nothing for its /init to write to.
+        assert!(!cmdline("").contains("GRACEVM_BOOT_TIMER"));
     }
 }

@@ -71,13 +71,15 @@ impl Archive {
 
 /// The guest's base initramfs: gracevm's `/init` (tests/guest/init), a static aarch64
 /// busybox (/init makes its applet links at boot) and the in-guest suite, the device nodes
-/// the kernel needs before devtmpfs is mounted, and the empty mount points. The same inputs
+/// needed before devtmpfs is mounted (the kernel's console; /dev/mem, through which /init's first
+/// act writes the VMM's boot timer), and the empty mount points. The same inputs
 /// give the same bytes (owners root, mtimes 0).
 pub fn guest_base(init: &[u8], busybox: &[u8], suite: &[u8]) -> io::Result<Vec<u8>> {
     let mut a = Archive::default();
     a.dir("/dev")?;
     a.char_dev("/dev/console", 0o600, 5, 1)?;
     a.char_dev("/dev/null", 0o666, 1, 3)?;
+    a.char_dev("/dev/mem", 0o600, 1, 1)?;
     a.dir("/bin")?;
     a.file("/bin/busybox", 0o755, busybox)?;
     a.file("/bin/gracevm-suite", 0o755, suite)?;
@@ -149,6 +151,7 @@ mod tests {
         assert_eq!(find("init").1 & 0o777, 0o755);
         assert_eq!(find("bin/gracevm-suite").2, b"suite");
         assert_eq!(find("dev/null").3, 1);
+        assert_eq!(find("dev/mem").3, 1);
         assert_eq!(find("tmp").1 & 0o7777, 0o1777);
         assert_eq!(
             guest_base(b"i", b"b", b"s").unwrap(),

@@ -51,7 +51,7 @@ pub fn boot_direct(g: &Resolved, b: DirectBoot<'_>) -> Result<RunReport> {
         platform: g.platform.clone(),
         kernel: g.kernel.clone(),
         initrd: guest::initrd(&g.initrd, &g.platform, b.mode, g.modules.as_ref())?,
-        cmdline: guest::cmdline(&g.args.append),
+        cmdline: guest::vmm_cmdline(&g.args.append),
         console: b.console,
         interactive: b.interactive,
         // Only the suite waits for a fill running beside the boot; a shell or a command may
