@@ -151,21 +151,24 @@ impl Stage {
     /// Put `data` in the inputs as `name`, as [`Stage::add`] does a file (every scenario of a
     /// run stages the same module tree).
     pub fn add_data(&self, name: &str, data: &[u8]) -> Result<String> {
-        let dst = self.path().join(INPUTS).join(name);
-        if !dst.exists() {
-            fs::write(&dst, data).with_context(|| format!("staging {name}"))?;
-        }
+        self.write_once(&Path::new(INPUTS).join(name), data)?;
         Ok(format!("/{INPUTS}/{name}"))
     }
 
     /// Put `data` in the share itself as `name` (the jobs, level 1's initramfs), where level 1
     /// reads it in place. Staging the same name twice keeps the first.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<String> {
-        let dst = self.path().join(name);
-        if !dst.exists() {
-            fs::write(&dst, data).with_context(|| format!("staging {name}"))?;
-        }
+        self.write_once(Path::new(name), data)?;
         Ok(format!("/stage/{name}"))
+    }
+
+    /// Write `data` at `rel` in the stage unless something is there already.
+    fn write_once(&self, rel: &Path, data: &[u8]) -> Result<()> {
+        let dst = self.path().join(rel);
+        if !dst.exists() {
+            fs::write(&dst, data).with_context(|| format!("staging {}", rel.display()))?;
+        }
+        Ok(())
     }
 
     /// MiB the inputs take (level 1 holds a copy of them in its memory).
